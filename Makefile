@@ -1,0 +1,36 @@
+# Quick start: `make run` trains one network per bundled series; `make test` runs the tests.
+# Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Prefect's server would try to send telemetry; there is no network for it here or on most clusters.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench data clean
+
+install: $(STAMP)
+
+# The CPU torch wheel goes in first where no torch is present: the project's own requirement is a
+# range, and a range with no torch installed pulls the newest multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m flows.cli $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+bench: install
+	$(PY) benchmarks/slowdown.py $(ARGS)
+
+data: install
+	$(PY) -m data.generate --series 1660 --out data/series.parquet
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (submit, wait, collect); the work lives in tasks/."""

@@ -1,0 +1,55 @@
+"""`python -m flows.cli`: run train_many from a shell and print a short summary."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from data import BUNDLED_SERIES
+from flows.train import DEFAULT_OUTPUT_DIR, train_many
+from tasks.results import status_counts
+
+
+def summary_table(results, seconds: float, output_dir: str) -> Table:
+    """The few numbers a user wants after a run."""
+    table = Table(title=f"train_many: {len(results)} networks in {seconds:.1f}s", show_header=False)
+    for status, count in status_counts(results).items():
+        table.add_row(f"networks {status}", str(count))
+    trained = results[results["status"] == "trained"]
+    if len(trained):
+        table.add_row("median validation loss (normalised MSE)", f"{trained['val_loss'].median():.4f}")
+        table.add_row("median training seconds per network", f"{trained['seconds'].median():.3f}")
+    table.add_row("results", f"{output_dir}/results.parquet")
+    table.add_row("tasks", f"{output_dir}/tasks.parquet")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one network per series with manynets.")
+    parser.add_argument("--data", default=str(BUNDLED_SERIES), help="parquet or CSV long table")
+    parser.add_argument("--architecture", default="mlp", choices=["mlp", "lstm"])
+    parser.add_argument("--epochs-per-iteration", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--cluster-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--n-workers", type=int, default=None, help="LocalCluster workers (default: one per core)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = train_many(
+        args.data,
+        model={"architecture": args.architecture, "epochs_per_iteration": args.epochs_per_iteration},
+        iterations=args.iterations,
+        shard_size=args.shard_size,
+        output_dir=args.output_dir,
+        cluster_address=args.cluster_address,
+        n_workers=args.n_workers,
+    )
+    Console().print(summary_table(results, time.perf_counter() - started, args.output_dir))
+
+
+if __name__ == "__main__":
+    main()

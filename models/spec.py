@@ -1,0 +1,66 @@
+"""The knobs of one fleet's networks: architecture, size, windowing and optimisation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ARCHITECTURES = ("mlp", "lstm")
+
+
+class ModelSpec(BaseModel):
+    """What every network of a run is built and trained with.
+
+    All networks of a run share one spec; each still gets its own seed (derived from `seed` and its
+    series id), its own data and its own checkpoint.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    architecture: Literal["mlp", "lstm"] = Field("mlp", description="Network family: 'mlp' or 'lstm'.")
+    hidden: int = Field(32, ge=1, le=4096, description="Width of each hidden layer (LSTM: hidden size).")
+    layers: int = Field(2, ge=1, le=16, description="Number of hidden layers (LSTM: stacked layers).")
+    window: int = Field(32, ge=1, le=4096, description="Past values the network sees per prediction.")
+    horizon: int = Field(8, ge=1, le=1024, description="Future values predicted per window.")
+    learning_rate: float = Field(3e-3, gt=0, le=10, description="Adam learning rate.")
+    epochs_per_iteration: int = Field(5, ge=1, le=10_000, description="Epochs trained by one iteration task.")
+    batch_size: int = Field(128, ge=1, le=1_000_000, description="Windows per optimiser step.")
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=0.9, description="Share of each series' tail held out for validation."
+    )
+    seed: int = Field(0, ge=0, description="Base seed; each network's seed is derived from it and its series id.")
+
+    def holdout_points(self, length: int) -> int:
+        """Points at the end of a series of `length` held out for validation (at least one horizon)."""
+        return max(self.horizon, round(self.holdout_fraction * length))
+
+    def min_length(self) -> int:
+        """Shortest series that yields one training window and one held-out target block."""
+        shortest = self.window + 2 * self.horizon
+        # holdout_points grows with the length, so search upward from the bound that ignores it.
+        while shortest - self.holdout_points(shortest) < self.window + self.horizon:
+            shortest += 1
+        return shortest
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that shapes a checkpoint; a resumed run must match it."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def coerce(cls, value: ModelSpec | dict[str, Any] | str | None) -> ModelSpec:
+        """Accept a spec, a dict of its fields, an architecture name, or None for the defaults."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(architecture=value)
+        if isinstance(value, dict):
+            return cls(**value)
+        raise TypeError(
+            f"model must be a ModelSpec, a dict of its fields or an architecture name "
+            f"({', '.join(ARCHITECTURES)}); got {type(value).__name__}"
+        )

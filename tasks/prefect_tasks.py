@@ -1,0 +1,45 @@
+"""The Prefect tasks: thin wrappers that give the plain functions names, retries and logging.
+
+Idempotence comes from the checkpoints, not from Prefect's cache, so caching is off: a retried or
+re-run task looks at the checkpoints on disk and skips what is already done.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NONE
+
+from models import ModelSpec
+from tasks.series import InvalidSeries, SeriesData, validate_table
+from tasks.storage import stage_values
+from tasks.training import IterationResult, train_shard_iteration
+
+
+@task(name="validate-series", cache_policy=NONE, persist_result=False)
+def validate_series_task(table: pd.DataFrame, spec: ModelSpec) -> tuple[list[SeriesData], list[InvalidSeries]]:
+    """Split a long table into trainable series and rejected ones (with reasons)."""
+    return validate_table(table, spec)
+
+
+@task(name="stage-series", cache_policy=NONE, persist_result=False)
+def stage_series_task(series: list[SeriesData], output_dir: str) -> int:
+    """Write each valid series where the iteration tasks read it; return how many."""
+    for item in series:
+        stage_values(output_dir, item.series_id, item.values)
+    return len(series)
+
+
+@task(
+    name="train-shard-iteration",
+    task_run_name="shard-{shard_id}-iter-{iteration}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    cache_policy=NONE,
+    persist_result=False,
+)
+def train_shard_iteration_task(
+    shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str, device: str = "cpu"
+) -> IterationResult:
+    """One iteration of one shard; see tasks.training.train_shard_iteration."""
+    return train_shard_iteration(shard_id, series_ids, spec, iteration, output_dir, device)

@@ -1,0 +1,103 @@
+"""Turn what the tasks reported into the run's tables: one row per network, one row per task."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.series import InvalidSeries
+from tasks.storage import atomic_write_bytes
+from tasks.training import IterationResult
+
+RESULT_COLUMNS = [
+    "series_id", "status", "reason", "iterations_done", "train_loss", "val_loss", "train_windows",
+    "seconds", "task_seconds", "position", "shard_id", "checkpoint",
+]  # fmt: skip
+
+
+def tasks_table(results: list[IterationResult]) -> pd.DataFrame:
+    """One row per iteration task: where and when it ran and what it did."""
+    rows = [
+        {
+            "shard_id": r.shard_id,
+            "iteration": r.iteration,
+            "worker": r.worker,
+            "started": r.started,
+            "finished": r.finished,
+            "wall_seconds": r.wall_seconds,
+            "networks": len(r.networks),
+            "trained": sum(n.status == "trained" and not n.skipped for n in r.networks),
+            "skipped": sum(n.skipped for n in r.networks),
+            "failed": sum(n.status == "failed" for n in r.networks),
+        }
+        for r in results
+    ]
+    table = pd.DataFrame(rows, columns=["shard_id", "iteration", "worker", "started", "finished",
+                                        "wall_seconds", "networks", "trained", "skipped", "failed"])  # fmt: skip
+    return table.sort_values(["started", "shard_id"], ignore_index=True)
+
+
+def results_table(
+    series_ids: list[str], invalid: list[InvalidSeries], results: list[IterationResult],
+    shard_failures: dict[str, str] | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """One row per network, in input order: its final status, losses, time and checkpoint.
+
+    `seconds` is the network's own training time summed over iterations; `task_seconds` the wall
+    time of the tasks that trained it; `position` the order in which its first task started (the
+    axis along which a slowdown would show). `shard_failures` maps series ids whose whole task
+    failed (after Prefect's retries) to the error.
+    """
+    shard_failures = shard_failures or {}
+    ordered = sorted(results, key=lambda r: (r.iteration, r.started))
+    first_start: dict[str, float] = {}
+    rows: dict[str, dict] = {}
+    for result in ordered:
+        for outcome in result.networks:
+            row = rows.setdefault(outcome.series_id, {"seconds": 0.0, "task_seconds": 0.0, "reason": None})
+            first_start.setdefault(outcome.series_id, result.started)
+            row["seconds"] += outcome.seconds
+            row["task_seconds"] += result.wall_seconds
+            row.update(
+                status=outcome.status,
+                iterations_done=outcome.iteration,
+                train_windows=outcome.train_windows or row.get("train_windows", 0),
+                shard_id=result.shard_id,
+                checkpoint=outcome.checkpoint,
+            )
+            if outcome.status == "trained":
+                row.update(train_loss=outcome.train_loss, val_loss=outcome.val_loss, reason=None)
+            else:
+                row["reason"] = outcome.error
+    positions = {sid: rank for rank, sid in enumerate(sorted(first_start, key=first_start.__getitem__))}
+    table = []
+    for series_id in series_ids:
+        row = rows.get(series_id)
+        if row is None:
+            error = shard_failures.get(series_id, "never trained: its task did not report")
+            table.append({"series_id": series_id, "status": "failed", "reason": error, "iterations_done": 0})
+            continue
+        table.append({"series_id": series_id, "position": positions.get(series_id), **row})
+    table += [{"series_id": bad.series_id, "status": "invalid", "reason": bad.reason, "iterations_done": 0}
+              for bad in invalid]  # fmt: skip
+    frame = pd.DataFrame(table).reindex(columns=RESULT_COLUMNS)
+    frame["iterations_done"] = frame["iterations_done"].fillna(0).astype(int)
+    frame["position"] = frame["position"].astype("Int64")
+    frame["shard_id"] = frame["shard_id"].astype("Int64")
+    frame["train_windows"] = frame["train_windows"].fillna(0).astype(int)
+    return frame
+
+
+def write_parquet(table: pd.DataFrame, path: Path) -> Path:
+    """Write `table` to `path` atomically (a reader sees the old file or the new one)."""
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def status_counts(results: pd.DataFrame) -> dict[str, int]:
+    """How many networks ended in each status."""
+    return {str(k): int(v) for k, v in results["status"].value_counts().sort_index().items()}

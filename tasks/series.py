@@ -1,0 +1,158 @@
+"""From a long table to per-series training data: load, validate, normalise, window.
+
+Everything here is a plain function of arrays and frames; the Prefect tasks wrap it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.spec import ModelSpec
+
+REQUIRED_COLUMNS = ("series_id", "timestamp", "value")
+
+
+class DataError(ValueError):
+    """The input table cannot be used at all; raised before any training starts."""
+
+
+@dataclass(frozen=True)
+class SeriesData:
+    """One valid series, ready to ship to a worker: its id and its values in time order."""
+
+    series_id: str
+    values: np.ndarray  # float32, 1-D
+
+    @property
+    def length(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True)
+class InvalidSeries:
+    """A series that will not be trained, and why."""
+
+    series_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Normalised training and held-out windows of one series, plus the scale to undo it."""
+
+    x_train: np.ndarray  # (n_train, window)
+    y_train: np.ndarray  # (n_train, horizon)
+    x_val: np.ndarray  # (n_val, window)
+    y_val: np.ndarray  # (n_val, horizon)
+    mean: float
+    std: float
+
+
+def load_table(data: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Read a long table (series_id, timestamp, value) from parquet, CSV or a DataFrame.
+
+    Raises DataError naming the input and what is expected when the file is missing, unreadable
+    or lacks a required column.
+    """
+    if isinstance(data, pd.DataFrame):
+        table, source = data, "the DataFrame passed as data"
+    else:
+        path = Path(data)
+        source = str(path)
+        if not path.is_file():
+            raise DataError(f"data file {source} does not exist; pass a parquet or CSV file or a DataFrame")
+        try:
+            if path.suffix.lower() == ".csv":
+                table = pd.read_csv(path)
+            else:
+                table = pd.read_parquet(path)
+        except Exception as exc:  # any reader failure means the same thing to the user
+            raise DataError(
+                f"cannot read {source} as {'CSV' if path.suffix.lower() == '.csv' else 'parquet'}: {exc}. "
+                "Pass a parquet file (or a .csv) with columns series_id, timestamp, value"
+            ) from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{source} lacks column(s) {', '.join(missing)}; a long table needs columns "
+            f"{', '.join(REQUIRED_COLUMNS)} (one row per series and time step); it has {', '.join(map(str, table.columns))}"
+        )
+    if table.empty:
+        raise DataError(f"{source} has no rows; it needs at least one series")
+    return table
+
+
+def split_series(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The table's series in first-seen order, each as (series_id, its rows)."""
+    ids = table["series_id"].astype(str)
+    order = pd.unique(ids)
+    groups = dict(tuple(table.groupby(ids, sort=False, observed=True)))
+    return [(sid, groups[sid]) for sid in order]
+
+
+def validate_series(series_id: str, rows: pd.DataFrame, spec: ModelSpec) -> SeriesData | InvalidSeries:
+    """Check one series' rows and return its values, or the reason it cannot be trained."""
+    values = pd.to_numeric(rows["value"], errors="coerce")
+    if values.isna().any() and rows["value"].notna().all():
+        return InvalidSeries(series_id, "non-numeric values")
+    stamps = rows["timestamp"]
+    if stamps.duplicated().any():
+        return InvalidSeries(series_id, "duplicated timestamps")
+    if not stamps.is_monotonic_increasing:
+        order = np.argsort(stamps.to_numpy(), kind="stable")
+        values = values.iloc[order]
+    array = values.to_numpy(dtype=np.float64)
+    if np.isnan(array).any():
+        return InvalidSeries(series_id, f"{int(np.isnan(array).sum())} NaN value(s)")
+    if np.isinf(array).any():
+        return InvalidSeries(series_id, f"{int(np.isinf(array).sum())} infinite value(s)")
+    if len(array) < spec.min_length():
+        return InvalidSeries(
+            series_id,
+            f"too short: {len(array)} points, needs >= {spec.min_length()} "
+            f"(window {spec.window} + horizon {spec.horizon} + held-out tail)",
+        )
+    if np.ptp(array) == 0:
+        return InvalidSeries(series_id, "constant series")
+    if np.abs(array).max() > np.finfo(np.float32).max:
+        return InvalidSeries(series_id, "values overflow float32")
+    return SeriesData(series_id, array.astype(np.float32))
+
+
+def validate_table(table: pd.DataFrame, spec: ModelSpec) -> tuple[list[SeriesData], list[InvalidSeries]]:
+    """Validate every series of a long table: the trainable ones and the rejected ones, in table order."""
+    valid: list[SeriesData] = []
+    invalid: list[InvalidSeries] = []
+    for series_id, rows in split_series(table):
+        checked = validate_series(series_id, rows, spec)
+        (valid if isinstance(checked, SeriesData) else invalid).append(checked)
+    return valid, invalid
+
+
+def sliding_windows(values: np.ndarray, window: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (input, target) pairs of consecutive values: inputs of `window`, targets of `horizon`."""
+    if len(values) < window + horizon:
+        empty = np.empty((0, window), values.dtype), np.empty((0, horizon), values.dtype)
+        return empty
+    pairs = np.lib.stride_tricks.sliding_window_view(values, window + horizon)
+    return pairs[:, :window], pairs[:, window:]
+
+
+def make_windows(values: np.ndarray, spec: ModelSpec) -> Windows:
+    """Normalised windows of one series: training targets before the held-out tail, validation in it.
+
+    The mean and std come from the training part only, so nothing of the tail leaks into training.
+    Validation windows may read inputs from before the tail; their targets lie wholly inside it.
+    """
+    holdout = spec.holdout_points(len(values))
+    train_part = values[: len(values) - holdout]
+    mean = float(train_part.mean())
+    std = float(train_part.std()) or 1.0
+    scaled = ((values - mean) / std).astype(np.float32)
+    x_train, y_train = sliding_windows(scaled[: len(values) - holdout], spec.window, spec.horizon)
+    x_val, y_val = sliding_windows(scaled[len(values) - holdout - spec.window :], spec.window, spec.horizon)
+    return Windows(x_train, y_train, x_val, y_val, mean, std)

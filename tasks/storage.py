@@ -1,0 +1,167 @@
+"""Where a run keeps each network's files, and how they are written so that a crash never tears one.
+
+Layout under a run's output dir:
+    networks/<safe id>/values.npy        the validated series, staged once by the flow
+    networks/<safe id>/iter-00003.ckpt   the state after iteration 3 (checksummed, atomic)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_MAGIC = b"MANYNETS-CKPT-1\n"
+_CHECKPOINT_NAME = re.compile(r"^iter-(\d{5,})\.ckpt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is truncated, corrupted or not a manynets checkpoint."""
+
+
+def safe_name(series_id: str) -> str:
+    """A directory name for `series_id` that cannot escape its parent and never collides.
+
+    Path characters and dots-only names are replaced, and a hash of the original id keeps two ids
+    that sanitise alike (`a/b` and `a_b`) apart.
+    """
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", series_id).strip(".")[:80] or "_"
+    return f"{readable}-{hashlib.sha256(series_id.encode()).hexdigest()[:10]}"
+
+
+def network_dir(output_dir: str | Path, series_id: str) -> Path:
+    """The folder of one network's staged data and checkpoints."""
+    return Path(output_dir) / "networks" / safe_name(series_id)
+
+
+def checkpoint_path(folder: Path, iteration: int) -> Path:
+    return folder / f"iter-{iteration:05d}.ckpt"
+
+
+def checkpoint_iterations(folder: Path) -> list[int]:
+    """Iterations that have a checkpoint file in `folder`, ascending (valid or not)."""
+    if not folder.is_dir():
+        return []
+    found = (_CHECKPOINT_NAME.match(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write `payload` to `path` so that readers see the old file or the whole new one, never a part.
+
+    Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide results from other users
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write `state` (tensors, numbers, strings, lists, dicts) with a SHA-256 header, atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    body = buffer.getvalue()
+    atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by save_checkpoint, refusing anything torn, altered or foreign.
+
+    Loads with `weights_only=True`: no arbitrary object is ever unpickled. Raises CheckpointError.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    header_end = len(CHECKPOINT_MAGIC) + 65
+    if not raw.startswith(CHECKPOINT_MAGIC) or len(raw) < header_end:
+        raise CheckpointError(f"{path} is not a manynets checkpoint (bad header or truncated)")
+    digest, body = raw[len(CHECKPOINT_MAGIC) : header_end - 1].decode(errors="replace"), raw[header_end:]
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CheckpointError(f"{path} failed its checksum: the file is truncated or corrupted")
+    try:
+        return torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path} passed its checksum but cannot be loaded: {exc}") from exc
+
+
+def latest_valid_checkpoint(folder: Path, below: int) -> tuple[int, dict | None, list[str]]:
+    """The newest checkpoint in `folder` with iteration < `below` that loads, newest first.
+
+    Returns (iteration, state, problems): iteration 0 and state None when none is usable, and one
+    line per bad checkpoint skipped on the way, so the caller can report it.
+    """
+    problems: list[str] = []
+    for iteration in reversed([i for i in checkpoint_iterations(folder) if i < below]):
+        try:
+            return iteration, load_checkpoint(checkpoint_path(folder, iteration)), problems
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    return 0, None, problems
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, so a bad newest one still has a good predecessor."""
+    for iteration in checkpoint_iterations(folder)[:-keep]:
+        checkpoint_path(folder, iteration).unlink(missing_ok=True)
+
+
+def stage_values(output_dir: str | Path, series_id: str, values: np.ndarray) -> Path:
+    """Write one network's validated values where its tasks will read them; return the folder."""
+    folder = network_dir(output_dir, series_id)
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(values, dtype=np.float32), allow_pickle=False)
+    atomic_write_bytes(folder / "values.npy", buffer.getvalue())
+    return folder
+
+
+def read_values(output_dir: str | Path, series_id: str) -> np.ndarray:
+    """The staged values of one network (never unpickles)."""
+    path = network_dir(output_dir, series_id) / "values.npy"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no staged data for series {series_id!r} at {path}; on a multi-machine cluster the output dir "
+            "must be a folder every worker can read and write"
+        )
+    return np.load(path, allow_pickle=False)
+
+
+def claim_run_dir(output_dir: str | Path, spec_fields: dict, fingerprint: str) -> None:
+    """Mark `output_dir` as a run of this spec, or refuse if it holds a run of another spec.
+
+    Re-running with the same output dir resumes; a different spec would load checkpoints of the
+    wrong shape, so it is refused before anything is touched.
+    """
+    import json
+
+    manifest = Path(output_dir) / "run.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"output_dir {output_dir} holds a run trained with another model spec "
+                f"({recorded.get('model')}); pass a new output_dir, or delete {output_dir} to start over"
+            )
+        return
+    payload = json.dumps({"fingerprint": fingerprint, "model": spec_fields}, indent=2, sort_keys=True)
+    atomic_write_bytes(manifest, payload.encode())

@@ -1,0 +1,51 @@
+import pytest
+
+from tasks.results import results_table, status_counts, tasks_table
+from tasks.series import InvalidSeries
+from tasks.shards import ShardPlan, plan_fixed_shards
+from tasks.training import IterationResult, NetworkOutcome
+
+
+def test_fixed_shards_cover_every_network_once_in_order():
+    shards = plan_fixed_shards([f"s{i}" for i in range(7)], 3)
+    assert shards == [
+        ShardPlan(0, ("s0", "s1", "s2")),
+        ShardPlan(1, ("s3", "s4", "s5")),
+        ShardPlan(2, ("s6",)),
+    ]
+    assert len(plan_fixed_shards(["a", "b"], 1)) == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True])
+def test_bad_shard_size_is_rejected_with_what_is_expected(bad):
+    with pytest.raises(ValueError, match="shard_size must be an integer >= 1"):
+        plan_fixed_shards(["a"], bad)
+
+
+def outcome(series_id, status="trained", iteration=1, seconds=0.1):
+    return NetworkOutcome(series_id, status, iteration, 0.5, 0.6, 10, seconds, f"/c/{series_id}",
+                          error=None if status == "trained" else "boom")  # fmt: skip
+
+
+def test_results_table_has_one_row_per_network_with_its_final_state():
+    results = [
+        IterationResult(0, 1, [outcome("a"), outcome("b")], "w1", started=10.0, finished=11.0),
+        IterationResult(1, 1, [outcome("c", "failed", 0)], "w2", started=9.0, finished=9.5),
+        IterationResult(0, 2, [outcome("a", iteration=2), outcome("b", iteration=2)], "w1", 11.0, 13.0),
+    ]
+    table = results_table(["a", "b", "c", "d"], [InvalidSeries("e", "constant series")], results,
+                          {"d": "task shard-9-iter-1 failed after retries"})  # fmt: skip
+    rows = table.set_index("series_id")
+    assert list(table["series_id"]) == ["a", "b", "c", "d", "e"]
+    assert rows.loc["a", "status"] == "trained" and rows.loc["a", "iterations_done"] == 2
+    assert rows.loc["a", "seconds"] == pytest.approx(0.2)
+    assert rows.loc["a", "task_seconds"] == pytest.approx(3.0)
+    assert rows.loc["c", "status"] == "failed" and rows.loc["c", "reason"] == "boom"
+    assert rows.loc["d", "status"] == "failed" and "shard-9" in rows.loc["d", "reason"]
+    assert rows.loc["e", "status"] == "invalid" and rows.loc["e", "reason"] == "constant series"
+    # position follows the start time of a network's first task: c's task started first.
+    assert rows.loc["c", "position"] == 0 and rows.loc["a", "position"] == 1
+    assert status_counts(table) == {"failed": 2, "invalid": 1, "trained": 2}
+    tasks = tasks_table(results)
+    assert list(tasks["wall_seconds"]) == pytest.approx([0.5, 1.0, 2.0])
+    assert tasks["failed"].sum() == 1

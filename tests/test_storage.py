@@ -1,0 +1,89 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.storage import (
+    CheckpointError,
+    checkpoint_iterations,
+    checkpoint_path,
+    claim_run_dir,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    network_dir,
+    prune_checkpoints,
+    read_values,
+    safe_name,
+    save_checkpoint,
+    stage_values,
+)
+
+
+def test_checkpoint_round_trip_keeps_tensors_and_metadata(tmp_path):
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "metrics": {"val_loss": 0.5}, "iteration": 3}
+    path = tmp_path / "iter-00003.ckpt"
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["metrics"] == {"val_loss": 0.5} and loaded["iteration"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["iter-00003.ckpt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
+def test_damaged_checkpoints_are_detected(tmp_path, damage):
+    path = tmp_path / "iter-00001.ckpt"
+    save_checkpoint(path, {"w": torch.ones(100)})
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        path.write_bytes(raw[:-10] + bytes([raw[-10] ^ 0xFF]) + raw[-9:])
+    else:
+        torch.save({"w": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_latest_valid_checkpoint_falls_back_past_a_corrupt_one(tmp_path):
+    for i in (1, 2, 3):
+        save_checkpoint(checkpoint_path(tmp_path, i), {"iteration": i})
+    checkpoint_path(tmp_path, 3).write_bytes(b"garbage")
+    iteration, state, problems = latest_valid_checkpoint(tmp_path, below=10)
+    assert iteration == 2 and state["iteration"] == 2
+    assert len(problems) == 1 and "iter-00003" in problems[0]
+    assert latest_valid_checkpoint(tmp_path, below=2)[0] == 1
+    assert latest_valid_checkpoint(tmp_path / "none", below=5) == (0, None, [])
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for i in (1, 2, 3, 4):
+        save_checkpoint(checkpoint_path(tmp_path, i), {"iteration": i})
+    prune_checkpoints(tmp_path, keep=2)
+    assert checkpoint_iterations(tmp_path) == [3, 4]
+
+
+@pytest.mark.parametrize("series_id", ["../x", "a/b", "..", ".", "/etc/passwd", "a\\b", "ünï cødé"])
+def test_series_ids_never_escape_the_output_dir(tmp_path, series_id):
+    folder = network_dir(tmp_path, series_id)
+    assert folder.parent == tmp_path / "networks"
+    assert folder.resolve().parent == (tmp_path / "networks").resolve()
+    stage_values(tmp_path, series_id, np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(read_values(tmp_path, series_id), [0, 1, 2])
+
+
+def test_ids_that_sanitise_alike_stay_apart():
+    assert safe_name("a/b") != safe_name("a_b")
+
+
+def test_read_values_explains_a_missing_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="every worker can read"):
+        read_values(tmp_path, "missing")
+
+
+def test_run_dir_refuses_another_spec(tmp_path):
+    claim_run_dir(tmp_path, {"hidden": 1}, "aaa")
+    claim_run_dir(tmp_path, {"hidden": 1}, "aaa")  # same spec: resume
+    with pytest.raises(ValueError, match="another model spec.*new output_dir"):
+        claim_run_dir(tmp_path, {"hidden": 2}, "bbb")
+    assert os.listdir(tmp_path) == ["run.json"]

@@ -1,0 +1,105 @@
+"""The train_many flow end to end, under prefect_test_harness, on a real LocalCluster."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from prefect.artifacts import Artifact
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.train import train_many
+from tasks.storage import checkpoint_iterations, network_dir
+from tests.conftest import series_frame
+
+MODEL = {"hidden": 8, "layers": 1, "window": 8, "horizon": 2, "epochs_per_iteration": 2, "batch_size": 32}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def dirty_table(small_table):
+    """Six valid series followed by three that must come back invalid."""
+    bad = [
+        series_frame("flat", [3.0] * 100),
+        series_frame("short", np.arange(10.0)),
+        series_frame("holes", [1.0, np.nan] + list(np.arange(98.0))),
+    ]
+    return pd.concat([small_table.astype({"series_id": str}), *bad], ignore_index=True)
+
+
+def test_one_task_per_network_trains_every_valid_series_and_reports_the_rest(tmp_path, dirty_table):
+    out = tmp_path / "run"
+    results = train_many(dirty_table, model=MODEL, iterations=2, shard_size=1, output_dir=str(out), n_workers=2)
+
+    rows = results.set_index("series_id")
+    valid = [f"s{i}" for i in range(6)]
+    assert list(results["series_id"]) == valid + ["flat", "short", "holes"]
+    assert (rows.loc[valid, "status"] == "trained").all()
+    assert (rows.loc[valid, "iterations_done"] == 2).all()
+    assert rows.loc[valid, "val_loss"].notna().all() and (rows.loc[valid, "seconds"] > 0).all()
+    assert rows.loc["flat", "reason"] == "constant series"
+    assert "too short" in rows.loc["short", "reason"] and "NaN" in rows.loc["holes", "reason"]
+    assert (rows.loc[["flat", "short", "holes"], "status"] == "invalid").all()
+    assert sorted(rows.loc[valid, "position"]) == list(range(6))
+    for series_id in valid:
+        assert checkpoint_iterations(network_dir(out, series_id)) == [1, 2]
+
+    on_disk = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(on_disk, results, check_dtype=False)
+    tasks = pd.read_parquet(out / "tasks.parquet")
+    assert len(tasks) == 12 and set(tasks["iteration"]) == {1, 2} and tasks["networks"].eq(1).all()
+    # Iteration 2 of a network never starts before its iteration 1 finished.
+    for shard_id, chain in tasks.groupby("shard_id"):
+        first, second = chain.sort_values("iteration").itertuples()
+        assert second.started >= first.finished
+
+    artifact = Artifact.get("train-many-results")
+    table = json.loads(artifact.data)
+    assert len(table) == 9 and {row["status"] for row in table} == {"trained", "invalid"}
+
+
+def test_shards_of_several_networks_train_and_a_rerun_redoes_nothing(tmp_path, small_table):
+    out = str(tmp_path / "run")
+    first = train_many(small_table, model=MODEL, iterations=1, shard_size=4, output_dir=out, n_workers=2)
+    assert (first["status"] == "trained").all()
+    assert sorted(first["shard_id"].unique()) == [0, 1]
+    again = train_many(small_table, model=MODEL, iterations=1, shard_size=4, output_dir=out, n_workers=1)
+    tasks = pd.read_parquet(f"{out}/tasks.parquet")
+    assert tasks["trained"].sum() == 0 and tasks["skipped"].sum() == 6
+    assert (again["seconds"] == 0).all()
+    np.testing.assert_array_equal(again["val_loss"], first["val_loss"])
+
+
+def test_more_iterations_later_continue_from_the_checkpoints(tmp_path, small_table):
+    out = str(tmp_path / "run")
+    train_many(small_table, model=MODEL, iterations=1, shard_size=3, output_dir=out, n_workers=1)
+    results = train_many(small_table, model=MODEL, iterations=2, shard_size=3, output_dir=out, n_workers=1)
+    tasks = pd.read_parquet(f"{out}/tasks.parquet")
+    assert (results["iterations_done"] == 2).all()
+    assert tasks.loc[tasks["iteration"] == 1, "trained"].sum() == 0
+    assert tasks.loc[tasks["iteration"] == 2, "trained"].sum() == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"shard_size": 0}, "shard_size must be an integer >= 1"),
+        ({"iterations": 0}, "iterations must be an integer >= 1"),
+        ({"model": {"architecture": "resnet"}}, "architecture"),
+        ({"device": "tpu"}, "device must be"),
+        ({"data": "missing.parquet"}, "does not exist"),
+        ({"data": pd.DataFrame({"id": ["a"], "value": [1.0]})}, "lacks column"),
+        ({"cluster_address": "tcp://127.0.0.1:9"}, "cannot reach a Dask scheduler"),
+    ],
+)
+def test_bad_input_fails_at_once_naming_it_and_trains_nothing(tmp_path, small_table, kwargs, message):
+    out = tmp_path / "run"
+    kwargs = {"data": small_table, "model": MODEL, "output_dir": str(out), **kwargs}
+    with pytest.raises(Exception, match=message):
+        train_many(**kwargs)
+    assert not (out / "networks").exists()
