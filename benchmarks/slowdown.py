@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         view.add_row(name, str(row["networks"]), fmt(row["wall_seconds"], ".1f"), fmt(row["task_seconds_ratio"]),
                      fmt(row["train_seconds_ratio"]), fmt(row["seconds_per_window_ratio"]),
                      fmt(row["completion_gap_ratio"]), fmt(row["median_task_seconds"]))  # fmt: skip
-    Console().print(view)
+    Console(width=140).print(view)
 
     RESULTS.mkdir(exist_ok=True)
     record = {"benchmark": "slowdown", "data": args.data, "series": args.series, "epochs": args.epochs,
