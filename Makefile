@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench data clean
+.PHONY: install run test bench bench-chaos data clean
 
 install: $(STAMP)
 
@@ -27,7 +27,10 @@ test: install
 	$(PY) -m pytest $(ARGS)
 
 bench: install
-	$(PY) benchmarks/slowdown.py $(ARGS)
+	$(PY) -m benchmarks.slowdown $(ARGS)
+
+bench-chaos: install
+	$(PY) -m benchmarks.chaos $(ARGS)
 
 data: install
 	$(PY) -m data.generate --series 1660 --out data/series.parquet

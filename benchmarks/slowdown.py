@@ -10,7 +10,7 @@ networks (by start order) divided by the median over the first 10%:
   - the gap between consecutive task completions (train_many only: catches orchestration
     overhead, Prefect's or Dask's, that would grow as the run goes on).
 Prints a table and writes benchmarks/results/slowdown.json. Run: `make bench` or
-`python benchmarks/slowdown.py [--series N] [--epochs E]`.
+`python -m benchmarks.slowdown [--series N] [--epochs E]`.
 """
 
 from __future__ import annotations

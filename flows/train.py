@@ -65,15 +65,15 @@ def train_many(
     series_ids = [s.series_id for s in valid]
     shards = plan_fixed_shards(series_ids, shard_size)
 
-    iteration_results, shard_failures = [], {}
+    iteration_results, failures = [], {}
     if shards:
         runner = make_task_runner(cluster_address, n_workers)
         with workers_report_to_this_api():
-            iteration_results, shard_failures = train_shards.with_options(task_runner=runner)(
+            iteration_results, failures = train_shards.with_options(task_runner=runner)(
                 shards, spec, iterations, str(out), device
             )
 
-    results = results_table(series_ids, invalid, iteration_results, shard_failures)
+    results = results_table(series_ids, invalid, iteration_results, failures)
     write_parquet(results, out / "results.parquet")
     write_parquet(tasks_table(iteration_results), out / "tasks.parquet")
     counts = status_counts(results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.tasks import exponential_backoff
 
 from models import ModelSpec
 from tasks.series import InvalidSeries, SeriesData, validate_table
@@ -33,8 +34,9 @@ def stage_series_task(series: list[SeriesData], output_dir: str) -> int:
 @task(
     name="train-shard-iteration",
     task_run_name="shard-{shard_id}-iter-{iteration}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
+    retry_jitter_factor=0.5,
     cache_policy=NONE,
     persist_result=False,
 )

@@ -13,7 +13,7 @@ from tasks.training import IterationResult
 
 RESULT_COLUMNS = [
     "series_id", "status", "reason", "iterations_done", "train_loss", "val_loss", "train_windows",
-    "seconds", "task_seconds", "position", "shard_id", "checkpoint",
+    "seconds", "task_seconds", "position", "shard_id", "checkpoint", "notes",
 ]  # fmt: skip
 
 
@@ -41,22 +41,27 @@ def tasks_table(results: list[IterationResult]) -> pd.DataFrame:
 
 def results_table(
     series_ids: list[str], invalid: list[InvalidSeries], results: list[IterationResult],
-    shard_failures: dict[str, str] | None = None,
+    failures: dict[str, str] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """One row per network, in input order: its final status, losses, time and checkpoint.
 
     `seconds` is the network's own training time summed over iterations; `task_seconds` the wall
     time of the tasks that trained it; `position` the order in which its first task started (the
-    axis along which a slowdown would show). `shard_failures` maps series ids whose whole task
-    failed (after Prefect's retries) to the error.
+    axis along which a slowdown would show). `failures` maps series ids whose task failed as a
+    whole (after Prefect's retries, or lost by Dask) to the error: they end `failed`, keeping the
+    iterations they did finish. `notes` lists checkpoint problems met on the way (e.g. a corrupt
+    checkpoint that was skipped and retrained).
     """
-    shard_failures = shard_failures or {}
+    failures = failures or {}
     ordered = sorted(results, key=lambda r: (r.iteration, r.started))
     first_start: dict[str, float] = {}
     rows: dict[str, dict] = {}
     for result in ordered:
         for outcome in result.networks:
-            row = rows.setdefault(outcome.series_id, {"seconds": 0.0, "task_seconds": 0.0, "reason": None})
+            row = rows.setdefault(
+                outcome.series_id, {"seconds": 0.0, "task_seconds": 0.0, "reason": None, "notes": []}
+            )
+            row["notes"] += outcome.notes
             first_start.setdefault(outcome.series_id, result.started)
             row["seconds"] += outcome.seconds
             row["task_seconds"] += result.wall_seconds
@@ -76,9 +81,12 @@ def results_table(
     for series_id in series_ids:
         row = rows.get(series_id)
         if row is None:
-            error = shard_failures.get(series_id, "never trained: its task did not report")
+            error = failures.get(series_id, "never trained: its task did not report")
             table.append({"series_id": series_id, "status": "failed", "reason": error, "iterations_done": 0})
             continue
+        row = {**row, "notes": "; ".join(row["notes"]) or None}
+        if series_id in failures:
+            row.update(status="failed", reason=failures[series_id])
         table.append({"series_id": series_id, "position": positions.get(series_id), **row})
     table += [{"series_id": bad.series_id, "status": "invalid", "reason": bad.reason, "iterations_done": 0}
               for bad in invalid]  # fmt: skip

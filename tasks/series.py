@@ -83,12 +83,22 @@ def load_table(data: str | Path | pd.DataFrame) -> pd.DataFrame:
         )
     if table.empty:
         raise DataError(f"{source} has no rows; it needs at least one series")
+    value_dtype = table["value"].dtype
+    if pd.api.types.is_bool_dtype(value_dtype) or pd.api.types.is_datetime64_any_dtype(value_dtype):
+        raise DataError(f"{source} column value has dtype {value_dtype}; expected numbers (int or float)")
+    missing_ids = table["series_id"].isna()
+    if missing_ids.any():
+        rows = ", ".join(map(str, table.index[missing_ids][:5]))
+        raise DataError(
+            f"{source} has {int(missing_ids.sum())} row(s) with no series_id (e.g. rows {rows}); "
+            "drop them or give each an id"
+        )
     return table
 
 
 def split_series(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """The table's series in first-seen order, each as (series_id, its rows)."""
-    ids = table["series_id"].astype(str)
+    """The table's series in first-seen order, each as (series_id, its rows); ids become strings."""
+    ids = table["series_id"].map(str)
     order = pd.unique(ids)
     groups = dict(tuple(table.groupby(ids, sort=False, observed=True)))
     return [(sid, groups[sid]) for sid in order]
@@ -100,6 +110,17 @@ def validate_series(series_id: str, rows: pd.DataFrame, spec: ModelSpec) -> Seri
     if values.isna().any() and rows["value"].notna().all():
         return InvalidSeries(series_id, "non-numeric values")
     stamps = rows["timestamp"]
+    if stamps.isna().any():
+        return InvalidSeries(series_id, f"{int(stamps.isna().sum())} missing timestamp(s)")
+    if pd.api.types.is_object_dtype(stamps) or pd.api.types.is_string_dtype(stamps):
+        kinds = sorted({type(v).__name__ for v in stamps})
+        if len(kinds) > 1:
+            return InvalidSeries(series_id, f"timestamps of mixed types ({', '.join(kinds)}) cannot be ordered")
+        if kinds == ["str"]:
+            parsed = pd.to_datetime(stamps, errors="coerce", format="mixed")
+            if parsed.isna().any():
+                return InvalidSeries(series_id, f"unparseable timestamp(s), e.g. {stamps[parsed.isna()].iloc[0]!r}")
+            stamps = parsed
     if stamps.duplicated().any():
         return InvalidSeries(series_id, "duplicated timestamps")
     if not stamps.is_monotonic_increasing:

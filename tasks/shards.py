@@ -24,3 +24,12 @@ def plan_fixed_shards(series_ids: list[str], shard_size: int) -> list[ShardPlan]
         ShardPlan(shard_id, tuple(series_ids[start : start + shard_size]))
         for shard_id, start in enumerate(range(0, len(series_ids), shard_size))
     ]
+
+
+def split_shard(series_ids: tuple[str, ...], first_new_id: int) -> list[ShardPlan]:
+    """Halve a shard that ran out of memory: two shards with fresh ids (one if it has one network)."""
+    if not series_ids:
+        return []
+    middle = (len(series_ids) + 1) // 2
+    halves = [series_ids[:middle], series_ids[middle:]]
+    return [ShardPlan(first_new_id + i, half) for i, half in enumerate(h for h in halves if h)]

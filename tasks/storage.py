@@ -3,12 +3,14 @@
 Layout under a run's output dir:
     networks/<safe id>/values.npy        the validated series, staged once by the flow
     networks/<safe id>/iter-00003.ckpt   the state after iteration 3 (checksummed, atomic)
+    networks/<safe id>/journal.jsonl     one line per iteration started and per checkpoint written
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tempfile
@@ -146,14 +148,41 @@ def read_values(output_dir: str | Path, series_id: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
+def append_journal(folder: Path, event: dict) -> None:
+    """Append one event to a network's journal: the audit trail of work started and checkpointed.
+
+    One small O_APPEND write per line, so concurrent writers never interleave within a line; a line
+    torn by a crash is skipped by read_journal.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(event, sort_keys=True) + "\n").encode()
+    fd = os.open(folder / "journal.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_journal(folder: Path) -> list[dict]:
+    """The events of a network's journal, oldest first (a torn last line is dropped)."""
+    path = folder / "journal.jsonl"
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
 def claim_run_dir(output_dir: str | Path, spec_fields: dict, fingerprint: str) -> None:
     """Mark `output_dir` as a run of this spec, or refuse if it holds a run of another spec.
 
     Re-running with the same output dir resumes; a different spec would load checkpoints of the
     wrong shape, so it is refused before anything is touched.
     """
-    import json
-
     manifest = Path(output_dir) / "run.json"
     if manifest.is_file():
         recorded = json.loads(manifest.read_text())

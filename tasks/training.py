@@ -7,6 +7,7 @@ calls, so the time a network takes depends on its data alone, not on how many ca
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from models import ModelSpec, build_model
 from tasks.series import make_windows
 from tasks.storage import (
+    append_journal,
     checkpoint_path,
     latest_valid_checkpoint,
     network_dir,
@@ -27,7 +29,10 @@ from tasks.storage import (
     save_checkpoint,
 )
 
+logger = logging.getLogger(__name__)
+
 KEEP_CHECKPOINTS = 2
+NETWORK_ATTEMPTS = 2  # a network that raises is retried once, in the same task, before it is failed
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -61,6 +66,7 @@ class IterationResult:
     worker: str
     started: float  # unix seconds
     finished: float
+    out_of_memory: str | None = None  # set when the task stopped early for lack of memory
 
     @property
     def wall_seconds(self) -> float:
@@ -136,7 +142,9 @@ def train_network_iteration(
     x_train, y_train, x_val, y_val = (
         torch.tensor(a, device=device) for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val)
     )
+    worker = _worker_name()
     for step in range(done + 1, iteration + 1):
+        append_journal(folder, {"event": "start", "iteration": step, "worker": worker, "time": time.time()})
         train_loss = fit_epochs(
             model, optimizer, x_train, y_train, spec.epochs_per_iteration, spec.batch_size, generator
         )
@@ -154,6 +162,7 @@ def train_network_iteration(
                 "scale": {"mean": windows.mean, "std": windows.std},
             },
         )
+        append_journal(folder, {"event": "done", "iteration": step, "worker": worker, "time": time.time()})
     prune_checkpoints(folder, KEEP_CHECKPOINTS)
     return NetworkOutcome(
         series_id, "trained", iteration, train_loss, val_loss, int(x_train.shape[0]),
@@ -187,32 +196,57 @@ def _to_cpu(value):
     return value
 
 
-def train_shard_iteration(
-    shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str, device: str = "cpu"
-) -> IterationResult:
-    """Train iteration `iteration` of every network of a shard, one after another.
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    A network that raises is reported `failed` with its error and the others go on; running out of
-    memory is not a network's fault, so it propagates and the task is retried.
+
+def train_network_with_retries(
+    series_id: str, spec: ModelSpec, iteration: int, output_dir: str, device: str, attempts: int
+) -> NetworkOutcome:
+    """train_network_iteration, retried up to `attempts` times; a `failed` outcome if all raise.
+
+    Each attempt resumes from the newest good checkpoint, so a retry redoes only the iteration
+    that raised. Running out of memory is not the network's fault and propagates at once.
     """
-    started = time.time()
-    outcomes = []
-    for series_id in series_ids:
-        began = time.perf_counter()
+    began = time.perf_counter()
+    for attempt in range(1, attempts + 1):
         try:
-            outcomes.append(train_network_iteration(series_id, spec, iteration, output_dir, device))
+            return train_network_iteration(series_id, spec, iteration, output_dir, device)
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            folder = network_dir(output_dir, series_id)
-            done, _, _ = latest_valid_checkpoint(folder, below=iteration)
-            outcomes.append(
-                NetworkOutcome(
-                    series_id, "failed", done, seconds=time.perf_counter() - began,
-                    checkpoint=str(checkpoint_path(folder, done)) if done else None,
-                    error=f"{type(exc).__name__}: {exc}", notes=[traceback.format_exc(limit=3)],
-                )  # fmt: skip
-            )
-    return IterationResult(
-        shard_id, iteration, outcomes, f"{socket.gethostname()}:{os.getpid()}", started, time.time()
-    )
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("network %r, iteration %d, attempt %d/%d failed:\n%s",
+                           series_id, iteration, attempt, attempts, traceback.format_exc())  # fmt: skip
+    folder = network_dir(output_dir, series_id)
+    done, _, _ = latest_valid_checkpoint(folder, below=iteration)
+    return NetworkOutcome(
+        series_id, "failed", done, seconds=time.perf_counter() - began,
+        checkpoint=str(checkpoint_path(folder, done)) if done else None,
+        error=f"{error} (after {attempts} attempts)",
+    )  # fmt: skip
+
+
+def train_shard_iteration(
+    shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str,
+    device: str = "cpu", attempts: int = NETWORK_ATTEMPTS,
+) -> IterationResult:  # fmt: skip
+    """Train iteration `iteration` of every network of a shard, one after another.
+
+    A network that still raises after `attempts` tries is reported `failed` with its error and the
+    others go on. Running out of memory (host or CUDA) stops the task early with `out_of_memory`
+    set: the networks finished so far are checkpointed and reported, and the caller splits the
+    rest into smaller shards.
+    """
+    started = time.time()
+    outcomes: list[NetworkOutcome] = []
+    out_of_memory = None
+    for series_id in series_ids:
+        try:
+            outcomes.append(train_network_with_retries(series_id, spec, iteration, output_dir, device, attempts))
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            out_of_memory = f"{type(exc).__name__} while training {series_id!r}: {exc}"
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            break
+    return IterationResult(shard_id, iteration, outcomes, _worker_name(), started, time.time(), out_of_memory)

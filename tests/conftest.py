@@ -41,3 +41,23 @@ def staged(tmp_path, small_spec):
         t = np.arange(80 + 40 * i)
         stage_values(tmp_path, sid, (np.sin(t / 5) + 0.1 * rng.normal(size=t.size)).astype(np.float32))
     return str(tmp_path), ids
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (SQLite) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def inprocess_cluster():
+    """A Dask cluster whose worker is a thread of this process, so monkeypatched faults reach it."""
+    import distributed
+
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        yield cluster.scheduler_address

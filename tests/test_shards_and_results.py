@@ -49,3 +49,18 @@ def test_results_table_has_one_row_per_network_with_its_final_state():
     tasks = tasks_table(results)
     assert list(tasks["wall_seconds"]) == pytest.approx([0.5, 1.0, 2.0])
     assert tasks["failed"].sum() == 1
+
+
+def test_split_shard_halves_with_fresh_ids():
+    from tasks.shards import split_shard
+
+    assert split_shard(("a", "b", "c"), 10) == [ShardPlan(10, ("a", "b")), ShardPlan(11, ("c",))]
+    assert split_shard(("a",), 4) == [ShardPlan(4, ("a",))]
+    assert split_shard((), 4) == []
+
+
+def test_a_network_whose_later_task_failed_ends_failed_but_keeps_its_iterations():
+    results = [IterationResult(0, 1, [outcome("a")], "w", 0.0, 1.0)]
+    table = results_table(["a"], [], results, {"a": "task shard-0-iter-2 failed after retries: boom"})
+    row = table.iloc[0]
+    assert row["status"] == "failed" and row["iterations_done"] == 1 and "iter-2" in row["reason"]

@@ -1,12 +1,12 @@
 """The train_many flow end to end, under prefect_test_harness, on a real LocalCluster."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from prefect.artifacts import Artifact
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_many
 from tasks.storage import checkpoint_iterations, network_dir
@@ -15,16 +15,14 @@ from tests.conftest import series_frame
 MODEL = {"hidden": 8, "layers": 1, "window": 8, "horizon": 2, "epochs_per_iteration": 2, "batch_size": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 @pytest.fixture
 def dirty_table(small_table):
-    """Six valid series followed by three that must come back invalid."""
+    """Six valid series, one whose id tries to escape the output dir, and three invalid ones."""
     bad = [
+        series_frame("../escape", np.sin(np.arange(120) / 4)),
         series_frame("flat", [3.0] * 100),
         series_frame("short", np.arange(10.0)),
         series_frame("holes", [1.0, np.nan] + list(np.arange(98.0))),
@@ -37,7 +35,7 @@ def test_one_task_per_network_trains_every_valid_series_and_reports_the_rest(tmp
     results = train_many(dirty_table, model=MODEL, iterations=2, shard_size=1, output_dir=str(out), n_workers=2)
 
     rows = results.set_index("series_id")
-    valid = [f"s{i}" for i in range(6)]
+    valid = [f"s{i}" for i in range(6)] + ["../escape"]
     assert list(results["series_id"]) == valid + ["flat", "short", "holes"]
     assert (rows.loc[valid, "status"] == "trained").all()
     assert (rows.loc[valid, "iterations_done"] == 2).all()
@@ -45,14 +43,17 @@ def test_one_task_per_network_trains_every_valid_series_and_reports_the_rest(tmp
     assert rows.loc["flat", "reason"] == "constant series"
     assert "too short" in rows.loc["short", "reason"] and "NaN" in rows.loc["holes", "reason"]
     assert (rows.loc[["flat", "short", "holes"], "status"] == "invalid").all()
-    assert sorted(rows.loc[valid, "position"]) == list(range(6))
+    assert sorted(rows.loc[valid, "position"]) == list(range(7))
     for series_id in valid:
         assert checkpoint_iterations(network_dir(out, series_id)) == [1, 2]
+    escaped = rows.loc["../escape", "checkpoint"]
+    assert Path(escaped).resolve().is_relative_to((out / "networks").resolve())
+    assert not (tmp_path / "escape").exists()
 
     on_disk = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(on_disk, results, check_dtype=False)
     tasks = pd.read_parquet(out / "tasks.parquet")
-    assert len(tasks) == 12 and set(tasks["iteration"]) == {1, 2} and tasks["networks"].eq(1).all()
+    assert len(tasks) == 14 and set(tasks["iteration"]) == {1, 2} and tasks["networks"].eq(1).all()
     # Iteration 2 of a network never starts before its iteration 1 finished.
     for shard_id, chain in tasks.groupby("shard_id"):
         first, second = chain.sort_values("iteration").itertuples()
@@ -60,7 +61,7 @@ def test_one_task_per_network_trains_every_valid_series_and_reports_the_rest(tmp
 
     artifact = Artifact.get("train-many-results")
     table = json.loads(artifact.data)
-    assert len(table) == 9 and {row["status"] for row in table} == {"trained", "invalid"}
+    assert len(table) == 10 and {row["status"] for row in table} == {"trained", "invalid"}
 
 
 def test_shards_of_several_networks_train_and_a_rerun_redoes_nothing(tmp_path, small_table):

@@ -96,3 +96,60 @@ def test_a_network_whose_loss_explodes_fails_and_keeps_its_last_good_checkpoint(
 def test_network_seeds_are_stable_and_distinct():
     assert network_seed(0, "a") == network_seed(0, "a")
     assert len({network_seed(0, "a"), network_seed(0, "b"), network_seed(1, "a")}) == 3
+
+
+def flaky(real, fail_ids, exc=RuntimeError("bad batch"), times=1):
+    """Wrap train_network_iteration so that `fail_ids` raise `exc` for their first `times` calls."""
+    calls = {}
+
+    def wrapper(series_id, *args, **kwargs):
+        calls[series_id] = calls.get(series_id, 0) + 1
+        if series_id in fail_ids and calls[series_id] <= times:
+            raise exc
+        return real(series_id, *args, **kwargs)
+
+    return wrapper, calls
+
+
+def test_a_network_that_raises_once_is_retried_within_the_task(staged, small_spec, monkeypatch):
+    import tasks.training as training
+
+    output_dir, ids = staged
+    wrapper, calls = flaky(training.train_network_iteration, {ids[1]})
+    monkeypatch.setattr(training, "train_network_iteration", wrapper)
+    result = train_shard_iteration(0, ids, small_spec, 1, output_dir)
+    assert [n.status for n in result.networks] == ["trained"] * 3
+    assert calls == {ids[0]: 1, ids[1]: 2, ids[2]: 1}
+
+
+def test_a_network_that_keeps_raising_is_failed_with_its_error_and_the_rest_finish(staged, small_spec, monkeypatch):
+    import tasks.training as training
+
+    output_dir, ids = staged
+    wrapper, _ = flaky(training.train_network_iteration, {ids[0]}, times=99)
+    monkeypatch.setattr(training, "train_network_iteration", wrapper)
+    result = train_shard_iteration(0, ids, small_spec, 1, output_dir)
+    first, *rest = result.networks
+    assert first.status == "failed" and first.error == "RuntimeError: bad batch (after 2 attempts)"
+    assert [n.status for n in rest] == ["trained", "trained"]
+
+
+def test_out_of_memory_stops_the_task_and_reports_what_finished(staged, small_spec, monkeypatch):
+    import tasks.training as training
+
+    output_dir, ids = staged
+    wrapper, _ = flaky(training.train_network_iteration, {ids[1]}, exc=torch.OutOfMemoryError("CUDA out of memory"))
+    monkeypatch.setattr(training, "train_network_iteration", wrapper)
+    result = train_shard_iteration(0, ids, small_spec, 1, output_dir)
+    assert [n.series_id for n in result.networks] == [ids[0]]
+    assert "OutOfMemoryError" in result.out_of_memory and repr(ids[1]) in result.out_of_memory
+
+
+def test_the_journal_records_each_iteration_started_and_checkpointed(staged, small_spec):
+    from tasks.storage import read_journal
+
+    output_dir, ids = staged
+    train_network_iteration(ids[0], small_spec, 2, output_dir)
+    train_network_iteration(ids[0], small_spec, 2, output_dir)  # no-op: nothing journaled
+    events = [(e["event"], e["iteration"]) for e in read_journal(network_dir(output_dir, ids[0]))]
+    assert events == [("start", 1), ("done", 1), ("start", 2), ("done", 2)]
