@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-chaos data clean
+.PHONY: install run test serve bench bench-chaos data clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ run: install
 test: install
 	$(PY) -m pytest $(ARGS)
 
+# A local Prefect server on http://127.0.0.1:4200 with train_many served: press Run in the UI.
+serve: install
+	$(PY) -m deployments.local $(ARGS)
+
 bench: install
 	$(PY) -m benchmarks.slowdown $(ARGS)
 
@@ -36,4 +40,4 @@ data: install
 	$(PY) -m data.generate --series 1660 --out data/series.parquet
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .prefect-local

@@ -1,5 +1,6 @@
-"""Deployments: how train_many is served to the Prefect UI and run on schedules (issue #6).
+"""Deployments: train_many served to the Prefect UI, with a nightly retraining schedule.
 
-Nothing is deployed yet; train_many is called from Python (`from flows.train import train_many`)
-or from the shell (`make run`, i.e. `python -m flows.cli`).
+`python -m deployments.serve` serves them against the Prefect API in PREFECT_API_URL;
+`python -m deployments.local` (`make serve`) first starts a local Prefect server (SQLite) for them.
+`prefect.yaml` at the top level declares the same deployment for `prefect deploy` and a process work pool.
 """

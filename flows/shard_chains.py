@@ -9,6 +9,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Crashed
 
 from flows.cluster import TorchWarmup
+from flows.progress import RunProgress
 from models import ModelSpec
 from tasks.prefect_tasks import train_shard_iteration_task
 from tasks.shards import ShardPlan, split_shard
@@ -26,8 +27,9 @@ def _mark_crashed(task_run_id, message: str) -> None:
 
 @flow(name="train-shards", flow_run_name="train-{iterations}-iterations-of-{output_dir}")
 def train_shards(
-    shards: list[ShardPlan], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu"
-) -> tuple[list[IterationResult], dict[str, str]]:
+    shards: list[ShardPlan], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu",
+    progress_bar: bool = True,
+) -> tuple[list[IterationResult], dict[str, str]]:  # fmt: skip
     """Train `iterations` iterations of every shard; return each task's result and per-network failures.
 
     Iteration k+1 of a shard is submitted the moment iteration k finishes, so a fast shard never
@@ -37,8 +39,11 @@ def train_shards(
     its shard's chain; the other chains go on.
     """
     logger = get_run_logger()
+    client = FlowRunContext.get().task_runner.client
+    logger.info("Dask dashboard: %s", client.dashboard_link)
     # Registered plugins also run on workers that join later, e.g. after a restart.
-    FlowRunContext.get().task_runner.client.register_plugin(TorchWarmup())
+    client.register_plugin(TorchWarmup())
+    progress = RunProgress(sum(len(s.series_ids) for s in shards), iterations, show_bar=progress_bar)
     in_flight: dict[distributed.Future, tuple[ShardPlan, int, object]] = {}
     next_shard_id = max(s.shard_id for s in shards) + 1
 
@@ -75,6 +80,7 @@ def train_shards(
                 halve(shard.series_ids, iteration, message)
             else:
                 failures[shard.series_ids[0]] = message
+                progress.advance(iteration, trained=0, given_up=1)
             continue
         future.wait()  # already done in Dask; this settles the final state without asking the API
         state = future.state
@@ -82,6 +88,7 @@ def train_shards(
             message = f"task {name} failed after retries: {state.message}"
             logger.error(message)
             failures.update({series_id: message for series_id in shard.series_ids})
+            progress.advance(iteration, trained=0, given_up=len(shard.series_ids))
             continue
         result: IterationResult = state.result()
         results.append(result)
@@ -91,6 +98,7 @@ def train_shards(
         still_training = tuple(n.series_id for n in result.networks if n.status == "trained")
         logger.info("%s: %d trained, %d failed in %.2fs", name, len(still_training),
                     len(result.networks) - len(still_training), result.wall_seconds)  # fmt: skip
+        given_up = len(result.networks) - len(still_training)
         if result.out_of_memory:
             reported = {n.series_id for n in result.networks}
             rest = tuple(s for s in shard.series_ids if s not in reported)
@@ -98,6 +106,9 @@ def train_shards(
                 halve(rest, iteration, f"{name} ran out of memory ({result.out_of_memory})")
             else:
                 failures[shard.series_ids[0]] = f"out of memory even alone: {result.out_of_memory}"
+                given_up += 1
+        progress.advance(iteration, trained=len(still_training), given_up=given_up)
         if iteration < iterations and still_training:
             completions.add(submit(ShardPlan(shard.shard_id, still_training), iteration + 1, after=future))
+    progress.close()
     return results, failures

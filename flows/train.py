@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import WithJsonSchema
 
 from data import BUNDLED_SERIES
 from flows.cluster import check_scheduler, make_task_runner, workers_report_to_this_api
 from flows.shard_chains import train_shards
 from models import ModelSpec
 from tasks.prefect_tasks import stage_series_task, validate_series_task
+from tasks.report import summary_markdown, write_plots
 from tasks.results import results_table, status_counts, tasks_table, write_parquet
 from tasks.series import load_table
 from tasks.shards import plan_fixed_shards
@@ -29,24 +33,46 @@ def _check_parameters(iterations: int, device: str) -> None:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
 
 
-@flow(name="train-many")
+# The UI shows `data` as a path; Python callers may also pass a DataFrame.
+DataArgument = Annotated[
+    str | Path | pd.DataFrame,
+    WithJsonSchema({"type": "string", "title": "data", "description": "Parquet or CSV file, long format."}),
+]
+
+
+def _run_name() -> str:
+    return f"train-many-{Path(flow_run.parameters.get('output_dir', DEFAULT_OUTPUT_DIR)).name}"
+
+
+@flow(name="train-many", flow_run_name=_run_name)
 def train_many(
-    data: str | Path | pd.DataFrame = str(BUNDLED_SERIES),
-    model: ModelSpec | None = None,
+    data: DataArgument = str(BUNDLED_SERIES),
+    model: ModelSpec = ModelSpec(),
     iterations: int = 2,
     shard_size: int = 32,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     cluster_address: str | None = None,
     n_workers: int | None = None,
     device: str = "cpu",
+    progress_bar: bool = True,
 ) -> pd.DataFrame:
     """Train one network per series of a long table (series_id, timestamp, value).
 
-    `data` is a parquet/CSV path or a DataFrame; `model` a ModelSpec (or a dict of its fields, or
-    an architecture name). Each shard of `shard_size` networks is trained as a chain of
-    `iterations` retryable tasks on a LocalCluster of `n_workers` processes, or on the scheduler at
-    `cluster_address`. Re-running with the same `output_dir` resumes and redoes nothing finished.
-    Returns one row per network and writes it to `output_dir/results.parquet`.
+    Each shard of `shard_size` networks is trained as a chain of `iterations` retryable tasks.
+    Re-running with the same `output_dir` resumes and redoes nothing already finished. Returns
+    one row per network, also written to `output_dir/results.parquet` and published as artifacts.
+
+    Args:
+        data: Parquet or CSV file (or, from Python, a DataFrame) with columns series_id, timestamp, value.
+        model: The networks' architecture, size, windowing and optimiser settings (from Python, a
+            dict of its fields also works).
+        iterations: Iterations per network; each is a block of epochs ending in a checkpoint.
+        shard_size: Networks trained by one task; 1 means one task per network iteration.
+        output_dir: Where checkpoints and results go; the same folder resumes a run.
+        cluster_address: Address of an existing Dask scheduler (tcp://host:8786); empty for a local cluster.
+        n_workers: Workers of the local cluster; empty for one per core.
+        device: 'cpu', 'cuda' or 'cuda:N'.
+        progress_bar: Show a progress bar in the terminal.
     """
     logger = get_run_logger()
     spec = ModelSpec.coerce(model)
@@ -70,13 +96,19 @@ def train_many(
         runner = make_task_runner(cluster_address, n_workers)
         with workers_report_to_this_api():
             iteration_results, failures = train_shards.with_options(task_runner=runner)(
-                shards, spec, iterations, str(out), device
+                shards, spec, iterations, str(out), device, progress_bar
             )
 
     results = results_table(series_ids, invalid, iteration_results, failures)
+    tasks = tasks_table(iteration_results)
     write_parquet(results, out / "results.parquet")
-    write_parquet(tasks_table(iteration_results), out / "tasks.parquet")
+    write_parquet(tasks, out / "tasks.parquet")
+    plots = write_plots(results, tasks, out / "plots")
     counts = status_counts(results)
+    create_markdown_artifact(
+        key="train-many-summary", markdown=summary_markdown(results, tasks, plots, out),
+        description=f"Summary of {len(results)} networks",
+    )  # fmt: skip
     create_table_artifact(
         key="train-many-results",
         table=[{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

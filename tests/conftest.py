@@ -61,3 +61,59 @@ def inprocess_cluster():
         n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
     ) as cluster:
         yield cluster.scheduler_address
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port, SQLite in a temp dir; yields its API URL."""
+    from deployments.local import start_server, wait_healthy
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    server = start_server(port, home, home / "server.log")
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(api_url, server)
+        yield api_url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def served_deployment(prefect_server, tmp_path_factory):
+    """`python -m deployments.serve` running against prefect_server; yields the deployment's id."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "deployments.serve"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, log.read_text()[-3000:]
+                try:
+                    yield client.read_deployment_by_name("train-many/train-many").id
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, "the deployment was not served in time"
+                    time.sleep(0.5)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
