@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--cluster-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--n-workers", type=int, default=None, help="LocalCluster workers (default: one per core)")
+    parser.add_argument("--strategy", default="one_by_one", choices=["one_by_one", "fused"],
+                        help="train a shard's networks one after another, or together (MLP)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = train_many(
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir=args.output_dir,
         cluster_address=args.cluster_address,
         n_workers=args.n_workers,
+        strategy=args.strategy,
     )
     Console().print(summary_table(results, time.perf_counter() - started, args.output_dir))
 

@@ -28,7 +28,7 @@ def _mark_crashed(task_run_id, message: str) -> None:
 @flow(name="train-shards", flow_run_name="train-{iterations}-iterations-of-{output_dir}")
 def train_shards(
     shards: list[ShardPlan], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu",
-    progress_bar: bool = True,
+    progress_bar: bool = True, strategy: str = "one_by_one",
 ) -> tuple[list[IterationResult], dict[str, str]]:  # fmt: skip
     """Train `iterations` iterations of every shard; return each task's result and per-network failures.
 
@@ -49,7 +49,7 @@ def train_shards(
 
     def submit(shard: ShardPlan, iteration: int, after=None) -> distributed.Future:
         future = train_shard_iteration_task.submit(
-            shard.shard_id, list(shard.series_ids), spec, iteration, output_dir, device,
+            shard.shard_id, list(shard.series_ids), spec, iteration, output_dir, device, strategy,
             wait_for=[after] if after is not None else None,
         )  # fmt: skip
         in_flight[future.wrapped_future] = (shard, iteration, future)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -55,6 +55,7 @@ def train_many(
     n_workers: int | None = None,
     device: str = "cpu",
     progress_bar: bool = True,
+    strategy: Literal["one_by_one", "fused"] = "one_by_one",
 ) -> pd.DataFrame:
     """Train one network per series of a long table (series_id, timestamp, value).
 
@@ -73,6 +74,8 @@ def train_many(
         n_workers: Workers of the local cluster; empty for one per core.
         device: 'cpu', 'cuda' or 'cuda:N'.
         progress_bar: Show a progress bar in the terminal.
+        strategy: 'fused' trains a shard's networks together as one computation (MLP; others fall
+            back to one by one); 'one_by_one' trains them one after another.
     """
     logger = get_run_logger()
     spec = ModelSpec.coerce(model)
@@ -96,7 +99,7 @@ def train_many(
         runner = make_task_runner(cluster_address, n_workers)
         with workers_report_to_this_api():
             iteration_results, failures = train_shards.with_options(task_runner=runner)(
-                shards, spec, iterations, str(out), device, progress_bar
+                shards, spec, iterations, str(out), device, progress_bar, strategy
             )
 
     results = results_table(series_ids, invalid, iteration_results, failures)

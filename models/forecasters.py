@@ -63,7 +63,12 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> None:
 
 def build_model(spec: ModelSpec, generator: torch.Generator | None = None) -> nn.Module:
     """A fresh forecaster for `spec`, initialised from `generator` when one is given."""
-    model = _FAMILIES[spec.architecture](spec)
-    if generator is not None:
-        init_weights(model, generator)
+    family = _FAMILIES[spec.architecture]
+    if generator is None:
+        return family(spec)
+    # Built without storage, so PyTorch's default initialisation (overwritten at once) costs nothing.
+    with torch.device("meta"):
+        model = family(spec)
+    model = model.to_empty(device="cpu")
+    init_weights(model, generator)
     return model

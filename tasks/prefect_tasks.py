@@ -41,7 +41,8 @@ def stage_series_task(series: list[SeriesData], output_dir: str) -> int:
     persist_result=False,
 )
 def train_shard_iteration_task(
-    shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str, device: str = "cpu"
-) -> IterationResult:
+    shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str, device: str = "cpu",
+    strategy: str = "one_by_one",
+) -> IterationResult:  # fmt: skip
     """One iteration of one shard; see tasks.training.train_shard_iteration."""
-    return train_shard_iteration(shard_id, series_ids, spec, iteration, output_dir, device)
+    return train_shard_iteration(shard_id, series_ids, spec, iteration, output_dir, device, strategy=strategy)

@@ -227,21 +227,42 @@ def train_network_with_retries(
     )  # fmt: skip
 
 
+STRATEGIES = ("one_by_one", "fused")
+
+
 def train_shard_iteration(
     shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str,
-    device: str = "cpu", attempts: int = NETWORK_ATTEMPTS,
+    device: str = "cpu", attempts: int = NETWORK_ATTEMPTS, strategy: str = "one_by_one",
 ) -> IterationResult:  # fmt: skip
-    """Train iteration `iteration` of every network of a shard, one after another.
+    """Train iteration `iteration` of every network of a shard.
 
-    A network that still raises after `attempts` tries is reported `failed` with its error and the
-    others go on. Running out of memory (host or CUDA) stops the task early with `out_of_memory`
-    set: the networks finished so far are checkpointed and reported, and the caller splits the
-    rest into smaller shards.
+    `strategy="fused"` trains the shard's networks together as one computation where the
+    architecture allows (tasks.fused); the rest, and every network under "one_by_one", are trained
+    one after another. A network that still raises after `attempts` tries is reported `failed`
+    with its error and the others go on. Running out of memory (host or CUDA) stops the task early
+    with `out_of_memory` set: the networks finished so far are checkpointed and reported, and the
+    caller splits the rest into smaller shards.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     started = time.time()
     outcomes: list[NetworkOutcome] = []
     out_of_memory = None
+    fused: dict[str, NetworkOutcome] = {}
+    if strategy == "fused":
+        from tasks.fused import train_fusable_part  # imported here: tasks.fused imports this module
+
+        try:
+            fused = train_fusable_part(series_ids, spec, iteration, output_dir, device, _worker_name())
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            out_of_memory = f"{type(exc).__name__} while training {len(series_ids)} networks fused: {exc}"
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return IterationResult(shard_id, iteration, [], _worker_name(), started, time.time(), out_of_memory)
     for series_id in series_ids:
+        if series_id in fused:
+            outcomes.append(fused[series_id])
+            continue
         try:
             outcomes.append(train_network_with_retries(series_id, spec, iteration, output_dir, device, attempts))
         except (MemoryError, torch.OutOfMemoryError) as exc:

@@ -93,6 +93,7 @@ def test_more_iterations_later_continue_from_the_checkpoints(tmp_path, small_tab
         ({"iterations": 0}, "iterations must be an integer >= 1"),
         ({"model": {"architecture": "resnet"}}, "architecture"),
         ({"device": "tpu"}, "device must be"),
+        ({"strategy": "vmap"}, "strategy"),
         ({"data": "missing.parquet"}, "does not exist"),
         ({"data": pd.DataFrame({"id": ["a"], "value": [1.0]})}, "lacks column"),
         ({"cluster_address": "tcp://127.0.0.1:9"}, "cannot reach a Dask scheduler"),
@@ -104,3 +105,11 @@ def test_bad_input_fails_at_once_naming_it_and_trains_nothing(tmp_path, small_ta
     with pytest.raises(Exception, match=message):
         train_many(**kwargs)
     assert not (out / "networks").exists()
+
+
+def test_the_fused_strategy_gives_the_same_networks_as_one_by_one(tmp_path, small_table):
+    common = {"model": MODEL, "iterations": 2, "shard_size": 3, "n_workers": 2}
+    fused = train_many(small_table, output_dir=str(tmp_path / "fused"), strategy="fused", **common)
+    alone = train_many(small_table, output_dir=str(tmp_path / "alone"), strategy="one_by_one", **common)
+    assert (fused["status"] == "trained").all() and (fused["iterations_done"] == 2).all()
+    np.testing.assert_allclose(fused["val_loss"], alone["val_loss"], rtol=2e-4, atol=2e-5)

@@ -1,0 +1,223 @@
+"""Train one iteration of many same-shaped networks as one computation (the fused strategy).
+
+Each network keeps its own data, shuffling, loss, Adam state and checkpoint: the result equals
+training it alone within float tolerance (tests/test_fused.py checks this). Networks of different
+lengths are padded, with masks, so no network sees another's data or padding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models import ModelSpec, build_model
+from models.stacked import StackedAdam, StackedMLP
+from tasks.series import Windows, make_windows
+from tasks.storage import (
+    append_journal,
+    checkpoint_path,
+    network_dir,
+    prune_checkpoints,
+    read_values,
+    save_checkpoint,
+)
+
+FUSABLE = ("mlp",)
+
+
+@dataclass
+class FusedMember:
+    """One network entering a fused iteration: its data, generator and resumed state."""
+
+    series_id: str
+    windows: Windows
+    generator: torch.Generator
+    model: torch.nn.Module
+    optimizer_state: dict | None
+
+
+def prepare_member(series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int) -> FusedMember:
+    """Load one network's data and state exactly as the one-by-one path would."""
+    windows = make_windows(read_values(output_dir, series_id), spec)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(spec, generator)
+    optimizer_state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer_state = state["optimizer"]
+        generator.set_state(state["generator"])
+    return FusedMember(series_id, windows, generator, model, optimizer_state)
+
+
+def _flat(arrays, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ragged (n_k, d) arrays into one (sum n_k, d) tensor plus each one's start row.
+
+    No padding is stored: batches are gathered by global row index, so memory is what the networks
+    would use alone.
+    """
+    counts = torch.tensor([a.shape[0] for a in arrays])
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.tensor(np.concatenate(arrays), device=device), starts.to(device)
+
+
+def _rows(starts: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (K, width) of each network's first `width` rows, and which of them are real."""
+    offsets = torch.arange(width, device=starts.device).unsqueeze(0)
+    real = offsets < counts.to(starts.device).unsqueeze(1)
+    return torch.where(real, starts.unsqueeze(1) + offsets, 0), real
+
+
+def _masked_mse(pred, target, mask) -> torch.Tensor:
+    """Per-network mean squared error over real rows only; (K,). `where`, not a product, so a
+    network whose predictions are NaN cannot leak NaN into the others' gradients."""
+    squared = torch.where(mask.unsqueeze(-1), (pred - target) ** 2, torch.zeros((), device=pred.device))
+    return squared.sum(dim=(1, 2)) / (mask.sum(dim=1).clamp(min=1) * pred.shape[-1])
+
+
+def _load_optimizer_states(stacked: StackedMLP, optimizer: StackedAdam, members: list[FusedMember]) -> None:
+    for i, p in enumerate(stacked.params):
+        for attr, key in ((optimizer.exp_avgs, "exp_avg"), (optimizer.exp_avg_sqs, "exp_avg_sq")):
+            pieces = [m.optimizer_state["state"][i][key] if m.optimizer_state else None for m in members]
+            if any(piece is not None for piece in pieces):
+                zeros = stacked.to_single(torch.zeros_like(p), i, 0)
+                attr[i].copy_(stacked.from_singles(i, [z if z is not None else zeros for z in pieces]))
+        optimizer.steps[i] = torch.tensor(
+            [float(m.optimizer_state["state"][i]["step"]) if m.optimizer_state else 0.0 for m in members],
+            dtype=torch.float64,
+        )
+
+
+def _optimizer_state_of(stacked: StackedMLP, optimizer: StackedAdam, k: int, template: dict) -> dict:
+    """Network k's Adam state in torch.optim.Adam's state-dict layout, so any path can resume it."""
+    state = {
+        i: {"step": torch.tensor(float(optimizer.steps[i][k])),
+            "exp_avg": stacked.to_single(optimizer.exp_avgs[i], i, k).cpu(),
+            "exp_avg_sq": stacked.to_single(optimizer.exp_avg_sqs[i], i, k).cpu()}
+        for i in range(len(stacked.params))
+    }  # fmt: skip
+    return {"state": state, "param_groups": template["param_groups"]}
+
+
+def train_fused_iteration(
+    members: list[FusedMember], spec: ModelSpec, iteration: int, output_dir: str, device: str, worker: str
+) -> dict[str, tuple[float, float, int, float] | Exception]:
+    """Train iteration `iteration` of `members` together and checkpoint each network.
+
+    Returns, per series id, (train_loss, val_loss, train_windows, seconds) or the exception that
+    failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint.
+    """
+    from tasks.training import NonFiniteLoss, _to_cpu  # imported here: tasks.training imports this module
+
+    started = time.perf_counter()
+    # Longest first: the networks that still have a batch at step s are then always a prefix, and
+    # each step computes only those (no work on networks that have finished their epoch).
+    members = sorted(members, key=lambda m: -m.windows.x_train.shape[0])
+    k_count = len(members)
+    stacked = StackedMLP([m.model for m in members]).to(device)
+    optimizer = StackedAdam(stacked.parameters(), lr=spec.learning_rate)
+    _load_optimizer_states(stacked, optimizer, members)
+    template = torch.optim.Adam(members[0].model.parameters(), lr=spec.learning_rate).state_dict()
+    x_train, train_starts = _flat([m.windows.x_train for m in members], device)
+    y_train, _ = _flat([m.windows.y_train for m in members], device)
+    x_val, val_starts = _flat([m.windows.x_val for m in members], device)
+    y_val, _ = _flat([m.windows.y_val for m in members], device)
+    counts = torch.tensor([m.windows.x_train.shape[0] for m in members])
+    val_counts = torch.tensor([m.windows.x_val.shape[0] for m in members])
+    batch = spec.batch_size
+    alive = torch.ones(k_count, dtype=torch.bool, device=device)
+    errors: dict[str, Exception] = {}
+    for m in members:
+        append_journal(network_dir(output_dir, m.series_id),
+                       {"event": "start", "iteration": iteration, "worker": worker, "time": time.time()})  # fmt: skip
+    stacked.train()
+    for _ in range(spec.epochs_per_iteration):
+        steps = int((counts.max() + batch - 1) // batch)
+        order = torch.zeros(k_count, steps * batch, dtype=torch.long)
+        for k, m in enumerate(members):  # each network shuffles with its own generator, as alone
+            order[k, : counts[k]] = torch.randperm(int(counts[k]), generator=m.generator)
+        order = (order.to(device) + train_starts.unsqueeze(1))  # global rows; padding is masked out
+        in_epoch = (torch.arange(steps * batch).unsqueeze(0) < counts.unsqueeze(1)).to(device)
+        total = torch.zeros(k_count, device=device)
+        for s in range(steps):
+            upto = int((counts > s * batch).sum())
+            window = slice(s * batch, (s + 1) * batch)
+            idx, real = order[:upto, window], in_epoch[:upto, window] & alive[:upto].unsqueeze(1)
+            losses = _masked_mse(stacked(x_train[idx], upto), y_train[idx], real)
+            optimizer.zero_grad()
+            losses.sum().backward()
+            stepping = real.any(dim=1)
+            optimizer.step(stepping)
+            total[:upto] += torch.where(stepping, losses.detach() * real.sum(dim=1), 0.0)
+        epoch_loss = total / counts.to(device)
+        blown = alive & ~torch.isfinite(epoch_loss)
+        for k in blown.nonzero().flatten().tolist():
+            errors[members[k].series_id] = NonFiniteLoss(f"training loss became {float(epoch_loss[k])}")
+        alive &= ~blown
+    stacked.eval()
+    with torch.no_grad():
+        val_idx, val_real = _rows(val_starts, val_counts, int(val_counts.max()))
+        val_losses = _masked_mse(stacked(x_val[val_idx]), y_val[val_idx], val_real)
+    seconds = (time.perf_counter() - started) / k_count  # the shared time, split evenly
+    results: dict[str, tuple[float, float, int, float] | Exception] = dict(errors)
+    for k, m in enumerate(members):
+        if m.series_id in errors:
+            continue
+        folder = network_dir(output_dir, m.series_id)
+        metrics = {"train_loss": float(epoch_loss[k]), "val_loss": float(val_losses[k]),
+                   "train_windows": int(counts[k])}  # fmt: skip
+        save_checkpoint(checkpoint_path(folder, iteration), {
+            "iteration": iteration, "spec": spec.fingerprint(), "model": stacked.state_dict_of(k),
+            "optimizer": _to_cpu(_optimizer_state_of(stacked, optimizer, k, template)),
+            "generator": m.generator.get_state(), "metrics": metrics,
+            "scale": {"mean": m.windows.mean, "std": m.windows.std},
+        })  # fmt: skip
+        append_journal(folder, {"event": "done", "iteration": iteration, "worker": worker, "time": time.time()})
+        prune_checkpoints(folder, 2)
+        results[m.series_id] = (metrics["train_loss"], metrics["val_loss"], metrics["train_windows"], seconds)
+    return results
+
+
+def train_fusable_part(
+    series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str, device: str, worker: str
+) -> dict:
+    """Fuse the networks of a shard that are exactly one iteration behind; return their outcomes.
+
+    Networks already done, with gaps to retrain, with a checkpoint of another spec, or whose data
+    cannot be loaded are left out: the one-by-one path handles (and reports) those.
+    """
+    from tasks.storage import latest_valid_checkpoint
+    from tasks.training import NetworkOutcome, network_seed
+
+    if spec.architecture not in FUSABLE:
+        return {}
+    members, notes = [], {}
+    for series_id in series_ids:
+        done, state, problems = latest_valid_checkpoint(network_dir(output_dir, series_id), below=iteration + 1)
+        if done != iteration - 1 or (state is not None and state["spec"] != spec.fingerprint()):
+            continue
+        try:
+            members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id)))
+            notes[series_id] = problems
+        except Exception:
+            continue
+    if not members:
+        return {}
+    outcomes = {}
+    for series_id, result in train_fused_iteration(members, spec, iteration, output_dir, device, worker).items():
+        folder = network_dir(output_dir, series_id)
+        if isinstance(result, Exception):
+            previous = iteration - 1
+            outcomes[series_id] = NetworkOutcome(
+                series_id, "failed", previous, checkpoint=str(checkpoint_path(folder, previous)) if previous else None,
+                error=f"{type(result).__name__}: {result}", notes=notes[series_id],
+            )  # fmt: skip
+        else:
+            train_loss, val_loss, windows, seconds = result
+            outcomes[series_id] = NetworkOutcome(
+                series_id, "trained", iteration, train_loss, val_loss, windows, seconds,
+                str(checkpoint_path(folder, iteration)), notes=notes[series_id],
+            )  # fmt: skip
+    return outcomes
