@@ -16,14 +16,7 @@ import torch
 from models import ModelSpec, build_model
 from models.stacked import StackedAdam, StackedMLP
 from tasks.series import Windows, make_windows
-from tasks.storage import (
-    append_journal,
-    checkpoint_path,
-    network_dir,
-    prune_checkpoints,
-    read_values,
-    save_checkpoint,
-)
+from tasks.storage import checkpoint_path, journal_event, network_dir, read_values
 
 FUSABLE = ("mlp",)
 
@@ -109,7 +102,7 @@ def train_fused_iteration(
     Returns, per series id, (train_loss, val_loss, train_windows, seconds) or the exception that
     failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint.
     """
-    from tasks.training import NonFiniteLoss, _to_cpu  # imported here: tasks.training imports this module
+    from tasks.training import NonFiniteLoss, save_iteration  # imported here: tasks.training imports this module
 
     started = time.perf_counter()
     # Longest first: the networks that still have a batch at step s are then always a prefix, and
@@ -130,8 +123,7 @@ def train_fused_iteration(
     alive = torch.ones(k_count, dtype=torch.bool, device=device)
     errors: dict[str, Exception] = {}
     for m in members:
-        append_journal(network_dir(output_dir, m.series_id),
-                       {"event": "start", "iteration": iteration, "worker": worker, "time": time.time()})  # fmt: skip
+        journal_event(network_dir(output_dir, m.series_id), "start", iteration, worker)
     stacked.train()
     for _ in range(spec.epochs_per_iteration):
         steps = int((counts.max() + batch - 1) // batch)
@@ -168,14 +160,9 @@ def train_fused_iteration(
         folder = network_dir(output_dir, m.series_id)
         metrics = {"train_loss": float(epoch_loss[k]), "val_loss": float(val_losses[k]),
                    "train_windows": int(counts[k])}  # fmt: skip
-        save_checkpoint(checkpoint_path(folder, iteration), {
-            "iteration": iteration, "spec": spec.fingerprint(), "model": stacked.state_dict_of(k),
-            "optimizer": _to_cpu(_optimizer_state_of(stacked, optimizer, k, template)),
-            "generator": m.generator.get_state(), "metrics": metrics,
-            "scale": {"mean": m.windows.mean, "std": m.windows.std},
-        })  # fmt: skip
-        append_journal(folder, {"event": "done", "iteration": iteration, "worker": worker, "time": time.time()})
-        prune_checkpoints(folder, 2)
+        save_iteration(folder, iteration, spec, stacked.state_dict_of(k),
+                       _optimizer_state_of(stacked, optimizer, k, template), m.generator, metrics, m.windows,
+                       worker)  # fmt: skip
         results[m.series_id] = (metrics["train_loss"], metrics["val_loss"], metrics["train_windows"], seconds)
     return results
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,11 @@ def append_journal(folder: Path, event: dict) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def journal_event(folder: Path, event: str, iteration: int, worker: str) -> None:
+    """Journal that `worker` started ("start") or checkpointed ("done") `iteration` of a network."""
+    append_journal(folder, {"event": event, "iteration": iteration, "worker": worker, "time": time.time()})
 
 
 def read_journal(folder: Path) -> list[dict]:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelSpec, build_model
-from tasks.series import make_windows
+from tasks.series import Windows, make_windows
 from tasks.storage import (
-    append_journal,
     checkpoint_path,
+    journal_event,
     latest_valid_checkpoint,
     network_dir,
     prune_checkpoints,
@@ -144,26 +144,14 @@ def train_network_iteration(
     )
     worker = _worker_name()
     for step in range(done + 1, iteration + 1):
-        append_journal(folder, {"event": "start", "iteration": step, "worker": worker, "time": time.time()})
+        journal_event(folder, "start", step, worker)
         train_loss = fit_epochs(
             model, optimizer, x_train, y_train, spec.epochs_per_iteration, spec.batch_size, generator
         )
         val_loss = evaluate(model, x_val, y_val)
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "train_windows": int(x_train.shape[0])}
-        save_checkpoint(
-            checkpoint_path(folder, step),
-            {
-                "iteration": step,
-                "spec": spec.fingerprint(),
-                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": _to_cpu(optimizer.state_dict()),
-                "generator": generator.get_state(),
-                "metrics": metrics,
-                "scale": {"mean": windows.mean, "std": windows.std},
-            },
-        )
-        append_journal(folder, {"event": "done", "iteration": step, "worker": worker, "time": time.time()})
-    prune_checkpoints(folder, KEEP_CHECKPOINTS)
+        save_iteration(folder, step, spec, model.state_dict(), optimizer.state_dict(), generator, metrics,
+                       windows, worker)  # fmt: skip
     return NetworkOutcome(
         series_id, "trained", iteration, train_loss, val_loss, int(x_train.shape[0]),
         time.perf_counter() - started, str(checkpoint_path(folder, iteration)), notes=problems,
@@ -184,6 +172,31 @@ def warm_up(device: str = "cpu") -> None:
         x, y = torch.randn(8, 4, device=device), torch.randn(8, 2, device=device)
         fit_epochs(model, optimizer, x, y, 1, spec.batch_size, generator)
         evaluate(model, x, y)
+
+
+def save_iteration(
+    folder, step: int, spec: ModelSpec, model_state: dict, optimizer_state: dict, generator: torch.Generator,
+    metrics: dict, windows: Windows, worker: str,
+) -> None:  # fmt: skip
+    """Checkpoint a network after iteration `step`, journal it and prune old checkpoints.
+
+    The one checkpoint format, whichever strategy trained the network: any strategy can resume it.
+    `optimizer_state` is in torch.optim.Adam's state-dict layout.
+    """
+    save_checkpoint(
+        checkpoint_path(folder, step),
+        {
+            "iteration": step,
+            "spec": spec.fingerprint(),
+            "model": {k: v.cpu() for k, v in model_state.items()},
+            "optimizer": _to_cpu(optimizer_state),
+            "generator": generator.get_state(),
+            "metrics": metrics,
+            "scale": {"mean": windows.mean, "std": windows.std},
+        },
+    )
+    journal_event(folder, "done", step, worker)
+    prune_checkpoints(folder, KEEP_CHECKPOINTS)
 
 
 def _to_cpu(value):
