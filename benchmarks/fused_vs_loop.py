@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from rich.console import Console
