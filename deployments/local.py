@@ -43,14 +43,18 @@ def wait_healthy(api_url: str, server: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"prefect server at {api_url} did not become healthy in {timeout:.0f} s")
 
 
+def _stop_like_ctrl_c(signum, frame) -> None:
+    """A terminated `make serve` must take its server down too, as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=4200)
     parser.add_argument("--home", type=Path, default=Path(".prefect-local"), help="where the SQLite database lives")
     parser.add_argument("--nightly", action="store_true", help="activate the nightly retraining schedule")
     args = parser.parse_args(argv)
-    # A terminated `make serve` must take its server down too, as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     api_url = f"http://127.0.0.1:{args.port}/api"
     server = start_server(args.port, args.home, args.home / "server.log")
     try:

@@ -10,7 +10,9 @@ from rich.table import Table
 
 from data import BUNDLED_SERIES
 from flows.train import DEFAULT_OUTPUT_DIR, train_many
+from models.spec import ARCHITECTURES
 from tasks.results import status_counts
+from tasks.training import STRATEGIES
 
 
 def summary_table(results, seconds: float, output_dir: str) -> Table:
@@ -30,14 +32,14 @@ def summary_table(results, seconds: float, output_dir: str) -> Table:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train one network per series with manynets.")
     parser.add_argument("--data", default=str(BUNDLED_SERIES), help="parquet or CSV long table")
-    parser.add_argument("--architecture", default="mlp", choices=["mlp", "lstm"])
+    parser.add_argument("--architecture", default="mlp", choices=ARCHITECTURES)
     parser.add_argument("--epochs-per-iteration", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--cluster-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--n-workers", type=int, default=None, help="LocalCluster workers (default: one per core)")
-    parser.add_argument("--strategy", default="one_by_one", choices=["one_by_one", "fused"],
+    parser.add_argument("--strategy", default="one_by_one", choices=STRATEGIES,
                         help="train a shard's networks one after another, or together (MLP)")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Each network keeps its own data, shuffling, loss, Adam state and checkpoint: the result equals
 training it alone within float tolerance (tests/test_fused.py checks this). Networks of different
-lengths are padded, with masks, so no network sees another's data or padding.
+lengths share one flat array of windows, gathered by index with per-network masks, so no network
+sees another's data.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def train_fusable_part(
     cannot be loaded are left out: the one-by-one path handles (and reports) those.
     """
     from tasks.storage import latest_valid_checkpoint
-    from tasks.training import NetworkOutcome, network_seed
+    from tasks.training import NetworkOutcome, failed_outcome, network_seed
 
     if spec.architecture not in FUSABLE:
         return {}
@@ -194,17 +195,13 @@ def train_fusable_part(
         return {}
     outcomes = {}
     for series_id, result in train_fused_iteration(members, spec, iteration, output_dir, device, worker).items():
-        folder = network_dir(output_dir, series_id)
         if isinstance(result, Exception):
-            previous = iteration - 1
-            outcomes[series_id] = NetworkOutcome(
-                series_id, "failed", previous, checkpoint=str(checkpoint_path(folder, previous)) if previous else None,
-                error=f"{type(result).__name__}: {result}", notes=notes[series_id],
-            )  # fmt: skip
+            outcomes[series_id] = failed_outcome(series_id, output_dir, iteration - 1,
+                                                 f"{type(result).__name__}: {result}", notes=notes[series_id])  # fmt: skip
         else:
             train_loss, val_loss, windows, seconds = result
             outcomes[series_id] = NetworkOutcome(
                 series_id, "trained", iteration, train_loss, val_loss, windows, seconds,
-                str(checkpoint_path(folder, iteration)), notes=notes[series_id],
+                str(checkpoint_path(network_dir(output_dir, series_id), iteration)), notes=notes[series_id],
             )  # fmt: skip
     return outcomes

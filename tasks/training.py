@@ -213,6 +213,24 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def failed_outcome(
+    series_id: str, output_dir: str, done: int, error: str, seconds: float = 0.0, notes: list[str] | None = None
+) -> NetworkOutcome:
+    """A `failed` outcome for a network whose newest good checkpoint is iteration `done` (0: none)."""
+    folder = network_dir(output_dir, series_id)
+    return NetworkOutcome(
+        series_id, "failed", done, seconds=seconds, checkpoint=str(checkpoint_path(folder, done)) if done else None,
+        error=error, notes=notes or [],
+    )  # fmt: skip
+
+
+def _out_of_memory(exc: BaseException, what: str, device: str) -> str:
+    """Describe an out-of-memory error for the caller that halves the shard, and free CUDA's cache."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return f"{type(exc).__name__} while training {what}: {exc}"
+
+
 def train_network_with_retries(
     series_id: str, spec: ModelSpec, iteration: int, output_dir: str, device: str, attempts: int
 ) -> NetworkOutcome:
@@ -231,13 +249,9 @@ def train_network_with_retries(
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("network %r, iteration %d, attempt %d/%d failed:\n%s",
                            series_id, iteration, attempt, attempts, traceback.format_exc())  # fmt: skip
-    folder = network_dir(output_dir, series_id)
-    done, _, _ = latest_valid_checkpoint(folder, below=iteration)
-    return NetworkOutcome(
-        series_id, "failed", done, seconds=time.perf_counter() - began,
-        checkpoint=str(checkpoint_path(folder, done)) if done else None,
-        error=f"{error} (after {attempts} attempts)",
-    )  # fmt: skip
+    done, _, _ = latest_valid_checkpoint(network_dir(output_dir, series_id), below=iteration)
+    return failed_outcome(series_id, output_dir, done, f"{error} (after {attempts} attempts)",
+                          seconds=time.perf_counter() - began)  # fmt: skip
 
 
 STRATEGIES = ("one_by_one", "fused")
@@ -268,9 +282,7 @@ def train_shard_iteration(
         try:
             fused = train_fusable_part(series_ids, spec, iteration, output_dir, device, _worker_name())
         except (MemoryError, torch.OutOfMemoryError) as exc:
-            out_of_memory = f"{type(exc).__name__} while training {len(series_ids)} networks fused: {exc}"
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            out_of_memory = _out_of_memory(exc, f"{len(series_ids)} networks fused", device)
             return IterationResult(shard_id, iteration, [], _worker_name(), started, time.time(), out_of_memory)
     for series_id in series_ids:
         if series_id in fused:
@@ -279,8 +291,6 @@ def train_shard_iteration(
         try:
             outcomes.append(train_network_with_retries(series_id, spec, iteration, output_dir, device, attempts))
         except (MemoryError, torch.OutOfMemoryError) as exc:
-            out_of_memory = f"{type(exc).__name__} while training {series_id!r}: {exc}"
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            out_of_memory = _out_of_memory(exc, repr(series_id), device)
             break
     return IterationResult(shard_id, iteration, outcomes, _worker_name(), started, time.time(), out_of_memory)
