@@ -26,7 +26,17 @@ def summary_table(results, seconds: float, output_dir: str) -> Table:
         table.add_row("median training seconds per network", f"{trained['seconds'].median():.3f}")
     table.add_row("results", f"{output_dir}/results.parquet")
     table.add_row("tasks", f"{output_dir}/tasks.parquet")
+    table.add_row("schedule and cost model", f"{output_dir}/schedule.json")
     return table
+
+
+def _shard_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--architecture", default="mlp", choices=ARCHITECTURES)
     parser.add_argument("--epochs-per-iteration", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=_shard_size, default="auto",
+                        help="networks per task, or 'auto' to plan shards from the cost model")
+    parser.add_argument("--expanding-window", action="store_true",
+                        help="iteration k trains on a growing share of each series (backtest-like)")
+    parser.add_argument("--no-priorities", dest="priorities", action="store_false",
+                        help="let Dask run tasks in submission order instead of longest remaining work first")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--cluster-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--n-workers", type=int, default=None, help="LocalCluster workers (default: one per core)")
@@ -45,13 +60,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     results = train_many(
         args.data,
-        model={"architecture": args.architecture, "epochs_per_iteration": args.epochs_per_iteration},
+        model={"architecture": args.architecture, "epochs_per_iteration": args.epochs_per_iteration,
+               "expanding_window": args.expanding_window},
         iterations=args.iterations,
         shard_size=args.shard_size,
         output_dir=args.output_dir,
         cluster_address=args.cluster_address,
         n_workers=args.n_workers,
         strategy=args.strategy,
+        priorities=args.priorities,
     )
     Console().print(summary_table(results, time.perf_counter() - started, args.output_dir))
 

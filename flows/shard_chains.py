@@ -1,7 +1,11 @@
-"""Run one chain of iteration tasks per shard on Dask, with no barrier between shards."""
+"""Run one chain of iteration tasks per shard on Dask, ordered by cost-model priorities."""
 
 from __future__ import annotations
 
+import statistics
+import time
+
+import dask
 import distributed
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
@@ -11,9 +15,21 @@ from prefect.states import Crashed
 from flows.cluster import TorchWarmup
 from flows.progress import RunProgress
 from models import ModelSpec
-from tasks.prefect_tasks import train_shard_iteration_task
-from tasks.shards import ShardPlan, split_shard
+from tasks.calibration import prior_from
+from tasks.cost_model import CostModel, describe_task, device_kind, effective_strategy, load_history, save_history
+from tasks.prefect_tasks import calibrate_task, probe_task, train_shard_iteration_task
+from tasks.shards import (
+    NetworkLoad,
+    ShardPlan,
+    forecast,
+    group_by_spec,
+    plan_auto_shards,
+    plan_fixed_shards,
+    split_shard,
+)
 from tasks.training import IterationResult
+
+PROBES = 3  # sequential no-op tasks whose median round trip is the per-task overhead prior
 
 
 def _mark_crashed(task_run_id, message: str) -> None:
@@ -25,59 +41,129 @@ def _mark_crashed(task_run_id, message: str) -> None:
         pass
 
 
+def _cluster_threads(client: distributed.Client) -> int:
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return max(1, sum(w.get("nthreads", 1) for w in workers))
+
+
+def _measure_overhead() -> float:
+    """Median round trip of a no-op task through Prefect and Dask, in seconds."""
+    trips = []
+    for _ in range(PROBES):
+        sent = time.time()
+        probe_task.submit().result()
+        trips.append(time.time() - sent)
+    return statistics.median(trips)
+
+
+def _cost_model(loads: list[NetworkLoad], strategy: str, device: str, output_dir: str, logger) -> CostModel:
+    """The run's cost model: fitted on this output dir's history, calibrated on a worker where it has none."""
+    history = load_history(output_dir)
+    model = CostModel.from_history(history) if history is not None and len(history) else CostModel()
+    pending = {}
+    for spec, members in group_by_spec(loads).items():
+        key = (spec.architecture, effective_strategy(spec, strategy), device_kind(device))
+        if model.knows(key):
+            continue
+        windows = [m.train_windows for m in members]
+        pending[key] = calibrate_task.submit(spec, strategy, device, min(windows), max(windows))
+    for key, future in pending.items():
+        observations = future.result()
+        model.prior.update(prior_from(observations))
+        logger.info("cost model for %s calibrated on a worker: %d tiny tasks, %.2fs", key, len(observations),
+                    sum(s for _, s in observations))  # fmt: skip
+    return model
+
+
 @flow(name="train-shards", flow_run_name="train-{iterations}-iterations-of-{output_dir}")
 def train_shards(
-    shards: list[ShardPlan], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu",
-    progress_bar: bool = True, strategy: str = "one_by_one",
-) -> tuple[list[IterationResult], dict[str, str]]:  # fmt: skip
-    """Train `iterations` iterations of every shard; return each task's result and per-network failures.
+    train_windows: dict[str, int], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu",
+    progress_bar: bool = True, strategy: str = "one_by_one", shard_size: int | str = "auto",
+    priorities: bool = True, architectures: dict[str, str] | None = None,
+) -> tuple[list[IterationResult], dict[str, str], dict]:  # fmt: skip
+    """Train `iterations` iterations of every network; return task results, failures and the plan.
 
-    Iteration k+1 of a shard is submitted the moment iteration k finishes, so a fast shard never
-    waits for a slow one, and only networks that trained go on. A shard that runs out of memory,
-    or whose task Dask gives up on after its workers died under it (KilledWorker), is halved and
-    the halves retried at the same iteration. A task that still fails after Prefect's retries ends
-    its shard's chain; the other chains go on.
+    `train_windows` maps each series to its count of training windows (what its tasks cost);
+    `architectures` optionally gives a series an architecture other than `spec`'s. Shards are
+    planned from the cost model (`shard_size="auto"`) or cut at a fixed size. Iteration k+1 of a
+    shard is submitted the moment iteration k finishes, with the Dask priority of its predicted
+    remaining chain (longest first) when `priorities` is on, recomputed from the refitted model at
+    each submission, so a fast shard never waits for a slow one and only networks that trained go
+    on. A shard that runs out of memory, or whose task Dask gives up on (KilledWorker), is halved
+    and the halves retried at the same iteration. A task that still fails after Prefect's retries
+    ends its shard's chain; the other chains go on.
     """
     logger = get_run_logger()
     client = FlowRunContext.get().task_runner.client
     logger.info("Dask dashboard: %s", client.dashboard_link)
     # Registered plugins also run on workers that join later, e.g. after a restart.
     client.register_plugin(TorchWarmup())
-    progress = RunProgress(sum(len(s.series_ids) for s in shards), iterations, show_bar=progress_bar)
-    in_flight: dict[distributed.Future, tuple[ShardPlan, int, object]] = {}
-    next_shard_id = max(s.shard_id for s in shards) + 1
+    architectures = architectures or {}
+    specs = {a: spec.model_copy(update={"architecture": a}) for a in set(architectures.values())}
+    loads = {sid: NetworkLoad(sid, specs.get(architectures.get(sid), spec), rows) for sid, rows in train_windows.items()}
+    workers = _cluster_threads(client)
+    planned = shard_size == "auto"
+    uses_model = planned or priorities
+    model = _cost_model(list(loads.values()), strategy, device, output_dir, logger) if uses_model else CostModel()
+    overhead = _measure_overhead() if uses_model else 0.0
+    if planned:
+        shards, summary = plan_auto_shards(list(loads.values()), iterations, workers, model, overhead, strategy, device)
+        logger.info("planned %d shards for %d workers: predicted makespan %.1fs (lower bound %.1fs), "
+                    "Prefect+Dask overhead %.0f ms a task, %.1f%% of the work", summary.shards, workers,
+                    summary.predicted_makespan, summary.lower_bound, overhead * 1000,
+                    100 * summary.overhead_share)  # fmt: skip
+    else:
+        shards = []
+        for group_spec, members in group_by_spec(list(loads.values())).items():
+            shards += plan_fixed_shards([m.series_id for m in members], shard_size, group_spec, len(shards))
+    plan = {"workers": workers, "shards": len(shards), "planned": planned, "priorities": priorities,
+            "probe_overhead_seconds": overhead,
+            "predicted_makespan": summary.predicted_makespan if planned else None}  # fmt: skip
+
+    progress = RunProgress(len(loads), iterations, show_bar=progress_bar)
+    in_flight: dict[distributed.Future, tuple[ShardPlan, int, object, dict]] = {}
+    next_shard_id = max((s.shard_id for s in shards), default=-1) + 1
 
     def submit(shard: ShardPlan, iteration: int, after=None) -> distributed.Future:
-        future = train_shard_iteration_task.submit(
-            shard.shard_id, list(shard.series_ids), spec, iteration, output_dir, device, strategy,
-            wait_for=[after] if after is not None else None,
-        )  # fmt: skip
-        in_flight[future.wrapped_future] = (shard, iteration, future)
+        members = [loads[sid] for sid in shard.series_ids]
+        predicted, priority = forecast(members, iteration, iterations, model, overhead, strategy, device)
+        annotations = {"priority": priority} if priorities and priority is not None else {}
+        with dask.annotate(**annotations):
+            future = train_shard_iteration_task.submit(
+                shard.shard_id, list(shard.series_ids), shard.spec or spec, iteration, output_dir, device, strategy,
+                wait_for=[after] if after is not None else None,
+            )  # fmt: skip
+        asked = {"submitted": time.time(), "predicted_seconds": predicted,
+                 "priority": annotations.get("priority")}  # fmt: skip
+        in_flight[future.wrapped_future] = (shard, iteration, future, asked)
         return future.wrapped_future
 
-    def halve(series_ids: tuple[str, ...], iteration: int, why: str) -> None:
+    def halve(shard: ShardPlan, series_ids: tuple[str, ...], iteration: int, why: str) -> None:
         nonlocal next_shard_id
-        halves = split_shard(series_ids, next_shard_id)
+        halves = split_shard(series_ids, next_shard_id, shard.spec)
         next_shard_id += len(halves)
         logger.warning("%s; retrying its %d network(s) as shards %s", why, len(series_ids),
                        [h.shard_id for h in halves])  # fmt: skip
         for half in halves:
             completions.add(submit(half, iteration))
 
+    if priorities:  # longest predicted chain first, so that even the order of submission favours it
+        shards.sort(key=lambda s: -(forecast([loads[i] for i in s.series_ids], 1, iterations, model, overhead,
+                                             strategy, device)[1] or 0))  # fmt: skip
     first_wave = [submit(shard, 1) for shard in shards]
     # prefect-dask's client is not Dask's default client, so its loop is named explicitly.
-    completions = distributed.as_completed(first_wave, loop=first_wave[0].client.loop)
+    completions = distributed.as_completed(first_wave, loop=client.loop)
     results: list[IterationResult] = []
     failures: dict[str, str] = {}
     for done in completions:
-        shard, iteration, future = in_flight.pop(done)
+        shard, iteration, future, asked = in_flight.pop(done)
         name = f"shard-{shard.shard_id}-iter-{iteration}"
         if done.status == "error":
             error = done.exception()
             message = f"task {name} was lost by Dask ({type(error).__name__}: {error})"
             _mark_crashed(future.task_run_id, message)
             if len(shard.series_ids) > 1:
-                halve(shard.series_ids, iteration, message)
+                halve(shard, shard.series_ids, iteration, message)
             else:
                 failures[shard.series_ids[0]] = message
                 progress.advance(iteration, trained=0, given_up=1)
@@ -91,24 +177,32 @@ def train_shards(
             progress.advance(iteration, trained=0, given_up=len(shard.series_ids))
             continue
         result: IterationResult = state.result()
+        for attribute, value in asked.items():
+            setattr(result, attribute, value)
         results.append(result)
+        if result.networks and not any(n.skipped for n in result.networks) and not result.out_of_memory:
+            rows = [loads[n.series_id].rows(iteration) for n in result.networks]
+            model.observe(describe_task(rows, loads[shard.series_ids[0]].spec, strategy, device), result.wall_seconds)
         for outcome in result.networks:
             for note in outcome.notes:
                 logger.warning("network %r: %s", outcome.series_id, note)
         still_training = tuple(n.series_id for n in result.networks if n.status == "trained")
-        logger.info("%s: %d trained, %d failed in %.2fs", name, len(still_training),
-                    len(result.networks) - len(still_training), result.wall_seconds)  # fmt: skip
+        logger.info("%s: %d trained, %d failed in %.2fs (predicted %s)", name, len(still_training),
+                    len(result.networks) - len(still_training), result.wall_seconds,
+                    "-" if asked["predicted_seconds"] is None else f"{asked['predicted_seconds']:.2f}s")  # fmt: skip
         given_up = len(result.networks) - len(still_training)
         if result.out_of_memory:
             reported = {n.series_id for n in result.networks}
             rest = tuple(s for s in shard.series_ids if s not in reported)
             if len(shard.series_ids) > 1:
-                halve(rest, iteration, f"{name} ran out of memory ({result.out_of_memory})")
+                halve(shard, rest, iteration, f"{name} ran out of memory ({result.out_of_memory})")
             else:
                 failures[shard.series_ids[0]] = f"out of memory even alone: {result.out_of_memory}"
                 given_up += 1
         progress.advance(iteration, trained=len(still_training), given_up=given_up)
         if iteration < iterations and still_training:
-            completions.add(submit(ShardPlan(shard.shard_id, still_training), iteration + 1, after=future))
+            next_shard = ShardPlan(shard.shard_id, still_training, shard.spec)
+            completions.add(submit(next_shard, iteration + 1, after=future))
     progress.close()
-    return results, failures
+    save_history(output_dir, model)
+    return results, failures, plan

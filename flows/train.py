@@ -16,14 +16,20 @@ from data import BUNDLED_SERIES
 from flows.cluster import check_scheduler, make_task_runner, workers_report_to_this_api
 from flows.shard_chains import train_shards
 from models import ModelSpec
+from models.spec import ARCHITECTURES
 from tasks.prefect_tasks import stage_series_task, validate_series_task
 from tasks.report import summary_markdown, write_plots
-from tasks.results import results_table, status_counts, tasks_table, write_parquet
-from tasks.series import load_table
-from tasks.shards import plan_fixed_shards
+from tasks.results import results_table, schedule_summary, status_counts, tasks_table, write_json, write_parquet
+from tasks.series import load_table, series_architectures
+from tasks.shards import check_shard_size
 from tasks.storage import claim_run_dir
 
 DEFAULT_OUTPUT_DIR = "runs/train_many"
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {value!r}")
 
 
 def _check_parameters(iterations: int, device: str) -> None:
@@ -49,13 +55,14 @@ def train_many(
     data: DataArgument = str(BUNDLED_SERIES),
     model: ModelSpec = ModelSpec(),
     iterations: int = 2,
-    shard_size: int = 32,
+    shard_size: int | Literal["auto"] = "auto",
     output_dir: str = DEFAULT_OUTPUT_DIR,
     cluster_address: str | None = None,
     n_workers: int | None = None,
     device: str = "cpu",
     progress_bar: bool = True,
     strategy: Literal["one_by_one", "fused"] = "one_by_one",
+    priorities: bool = True,
 ) -> pd.DataFrame:
     """Train one network per series of a long table (series_id, timestamp, value).
 
@@ -68,7 +75,8 @@ def train_many(
         model: The networks' architecture, size, windowing and optimiser settings (from Python, a
             dict of its fields also works).
         iterations: Iterations per network; each is a block of epochs ending in a checkpoint.
-        shard_size: Networks trained by one task; 1 means one task per network iteration.
+        shard_size: Networks trained by one task: 'auto' plans shards from the cost model (balanced,
+            several per worker, Prefect+Dask overhead under 10%); 1 means one task per network iteration.
         output_dir: Where checkpoints and results go; the same folder resumes a run.
         cluster_address: Address of an existing Dask scheduler (tcp://host:8786); empty for a local cluster.
         n_workers: Workers of the local cluster; empty for one per core.
@@ -76,12 +84,19 @@ def train_many(
         progress_bar: Show a progress bar in the terminal.
         strategy: 'fused' trains a shard's networks together as one computation (MLP; others fall
             back to one by one); 'one_by_one' trains them one after another.
+        priorities: Give each task the Dask priority of its shard's predicted remaining work, so the
+            longest chains start first; off, Dask runs tasks in the order they are submitted.
+
+    The data may carry an optional column `architecture` (mlp or lstm) giving a series an
+    architecture other than `model`'s; everything else of `model` applies to all.
     """
     logger = get_run_logger()
     spec = ModelSpec.coerce(model)
     _check_parameters(iterations, device)
-    plan_fixed_shards([], shard_size)  # rejects a bad shard_size before any work
+    check_shard_size(shard_size)  # rejects a bad shard_size before any work
+    _check_flag("priorities", priorities)
     table = load_table(data)
+    architectures = series_architectures(table, ARCHITECTURES)
     out = Path(output_dir).resolve()
     if cluster_address:
         workers = check_scheduler(cluster_address)
@@ -92,24 +107,28 @@ def train_many(
     logger.info("%d series to train, %d invalid", len(valid), len(invalid))
     stage_series_task(valid, str(out))
     series_ids = [s.series_id for s in valid]
-    shards = plan_fixed_shards(series_ids, shard_size)
+    train_windows = {s.series_id: spec.train_windows(s.length) for s in valid}
+    architectures = {sid: a for sid, a in architectures.items() if sid in train_windows and a != spec.architecture}
 
-    iteration_results, failures = [], {}
-    if shards:
+    iteration_results, failures, plan = [], {}, {}
+    if valid:
         runner = make_task_runner(cluster_address, n_workers)
         with workers_report_to_this_api():
-            iteration_results, failures = train_shards.with_options(task_runner=runner)(
-                shards, spec, iterations, str(out), device, progress_bar, strategy
-            )
+            iteration_results, failures, plan = train_shards.with_options(task_runner=runner)(
+                train_windows, spec, iterations, str(out), device, progress_bar, strategy, shard_size, priorities,
+                architectures,
+            )  # fmt: skip
 
     results = results_table(series_ids, invalid, iteration_results, failures)
     tasks = tasks_table(iteration_results)
+    schedule = schedule_summary(tasks, plan.get("workers", 1), plan)
     write_parquet(results, out / "results.parquet")
     write_parquet(tasks, out / "tasks.parquet")
+    write_json(schedule, out / "schedule.json")
     plots = write_plots(results, tasks, out / "plots")
     counts = status_counts(results)
     create_markdown_artifact(
-        key="train-many-summary", markdown=summary_markdown(results, tasks, plots, out),
+        key="train-many-summary", markdown=summary_markdown(results, tasks, plots, out, schedule),
         description=f"Summary of {len(results)} networks",
     )  # fmt: skip
     create_table_artifact(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,27 @@ class ModelSpec(BaseModel):
         0.1, ge=0, lt=0.9, description="Share of each series' tail held out for validation."
     )
     seed: int = Field(0, ge=0, description="Base seed; each network's seed is derived from it and its series id.")
+    expanding_window: bool = Field(
+        False, description="Iteration k trains on the oldest share min(1, k * expanding_start) of the training "
+        "windows, so each iteration sees more data (and costs more) than the last.",
+    )  # fmt: skip
+    expanding_start: float = Field(
+        0.25, gt=0, le=1, description="Share of the training windows iteration 1 uses when expanding_window is on."
+    )
+
+    def training_rows(self, available: int, iteration: int) -> int:
+        """How many of a network's `available` training windows iteration `iteration` trains on.
+
+        All of them, unless `expanding_window`: then the oldest min(1, k * expanding_start) share
+        (at least one), so a backtest-like schedule grows with k whatever the total iterations.
+        """
+        if not self.expanding_window or available == 0:
+            return available
+        return max(1, min(available, math.ceil(available * self.expanding_start * iteration - 1e-9)))
+
+    def train_windows(self, length: int) -> int:
+        """Training windows a valid series of `length` points yields (before any expanding window)."""
+        return max(0, length - self.holdout_points(length) - self.window - self.horizon + 1)
 
     def holdout_points(self, length: int) -> int:
         """Points at the end of a series of `length` held out for validation (at least one horizon)."""

@@ -16,7 +16,7 @@ import torch
 
 from models import ModelSpec, build_model
 from models.stacked import StackedAdam, StackedMLP
-from tasks.series import Windows, make_windows
+from tasks.series import Windows, for_iteration, make_windows
 from tasks.storage import checkpoint_path, journal_event, network_dir, read_values
 
 FUSABLE = ("mlp",)
@@ -33,9 +33,11 @@ class FusedMember:
     optimizer_state: dict | None
 
 
-def prepare_member(series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int) -> FusedMember:
-    """Load one network's data and state exactly as the one-by-one path would."""
-    windows = make_windows(read_values(output_dir, series_id), spec)
+def prepare_member(
+    series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int, iteration: int
+) -> FusedMember:
+    """Load one network's data for `iteration` and its state exactly as the one-by-one path would."""
+    windows = for_iteration(make_windows(read_values(output_dir, series_id), spec), spec, iteration)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(spec, generator)
     optimizer_state = None
@@ -176,18 +178,22 @@ def train_fusable_part(
     Networks already done, with gaps to retrain, with a checkpoint of another spec, or whose data
     cannot be loaded are left out: the one-by-one path handles (and reports) those.
     """
-    from tasks.storage import latest_valid_checkpoint
+    from tasks.storage import checkpoint_iterations, latest_valid_checkpoint
     from tasks.training import NetworkOutcome, failed_outcome, network_seed
 
     if spec.architecture not in FUSABLE:
         return {}
     members, notes = [], {}
     for series_id in series_ids:
-        done, state, problems = latest_valid_checkpoint(network_dir(output_dir, series_id), below=iteration + 1)
+        folder = network_dir(output_dir, series_id)
+        if max(checkpoint_iterations(folder), default=0) >= iteration:
+            continue  # done already, maybe with this iteration's checkpoint pruned since
+        done, state, problems = latest_valid_checkpoint(folder, below=iteration + 1)
         if done != iteration - 1 or (state is not None and state["spec"] != spec.fingerprint()):
             continue
         try:
-            members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id)))
+            members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id),
+                                          iteration))
             notes[series_id] = problems
         except Exception:
             continue

@@ -6,12 +6,15 @@ re-run task looks at the checkpoints on disk and skips what is already done.
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
 from models import ModelSpec
+from tasks.calibration import calibrate
 from tasks.series import InvalidSeries, SeriesData, validate_table
 from tasks.storage import stage_values
 from tasks.training import IterationResult, train_shard_iteration
@@ -45,4 +48,35 @@ def train_shard_iteration_task(
     strategy: str = "one_by_one",
 ) -> IterationResult:  # fmt: skip
     """One iteration of one shard; see tasks.training.train_shard_iteration."""
-    return train_shard_iteration(shard_id, series_ids, spec, iteration, output_dir, device, strategy=strategy)
+    result = train_shard_iteration(shard_id, series_ids, spec, iteration, output_dir, device, strategy=strategy)
+    result.dask_priority = dask_priority_here()
+    return result
+
+
+def dask_priority_here() -> int | None:
+    """The user priority the Dask worker runs the current task under, or None outside Dask.
+
+    Read back from the worker rather than trusted from the submit call: this is what proves the
+    cost model's priorities reached the scheduler through Prefect.
+    """
+    try:
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        state = get_worker().state.tasks.get(thread_state.key)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    # Dask stores (-user priority, submission order, ...): higher user priorities run first.
+    return -int(state.priority[0]) if state is not None and state.priority else None
+
+
+@task(name="calibrate-cost-model", cache_policy=NONE, persist_result=False, retries=1)
+def calibrate_task(spec: ModelSpec, strategy: str, device: str, shortest: int, longest: int) -> list:
+    """Time a few tiny real tasks on a worker: the cost model's prior (tasks.calibration)."""
+    return calibrate(spec, strategy, device, shortest, longest)
+
+
+@task(name="probe-overhead", cache_policy=NONE, persist_result=False)
+def probe_task() -> float:
+    """Do nothing: its round trip measures what Prefect and Dask add to every task."""
+    return time.time()

@@ -54,6 +54,23 @@ def plot_task_gantt(tasks: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_predicted_vs_actual(tasks: pd.DataFrame, path: Path) -> Path:
+    """Each task's predicted against its measured seconds (log-log): on the diagonal = exact."""
+    known = tasks.dropna(subset=["predicted_seconds"])
+    known = known[(known["predicted_seconds"] > 0) & (known["wall_seconds"] > 0)]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    if len(known):
+        for iteration, rows in known.groupby("iteration"):
+            ax.scatter(rows["wall_seconds"], rows["predicted_seconds"], s=8, alpha=0.6, label=f"iteration {iteration}")
+        low = min(known["wall_seconds"].min(), known["predicted_seconds"].min())
+        high = max(known["wall_seconds"].max(), known["predicted_seconds"].max())
+        ax.plot([low, high], [low, high], color="grey", linewidth=1)
+        ax.set(xscale="log", yscale="log")
+        ax.legend(fontsize="small")
+    ax.set(title="Cost model: predicted vs measured task seconds", xlabel="measured s", ylabel="predicted s")
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -68,12 +85,14 @@ def write_plots(results: pd.DataFrame, tasks: pd.DataFrame, folder: Path) -> dic
         "validation loss": plot_loss_distribution(results, folder / "loss_distribution.png"),
         "time per network": plot_time_by_position(results, folder / "time_by_position.png"),
         "tasks per worker": plot_task_gantt(tasks, folder / "tasks_gantt.png"),
+        "predicted vs measured": plot_predicted_vs_actual(tasks, folder / "predicted_vs_actual.png"),
     }
 
 
 def summary_markdown(
-    results: pd.DataFrame, tasks: pd.DataFrame, plots: dict[str, Path], output_dir: Path, slowest: int = 10
-) -> str:
+    results: pd.DataFrame, tasks: pd.DataFrame, plots: dict[str, Path], output_dir: Path,
+    schedule: dict | None = None, slowest: int = 10,
+) -> str:  # fmt: skip
     """The markdown summary of a run: counts by status, slowest networks, failures, where things are."""
     counts = results["status"].value_counts()
     lines = [f"# train_many: {len(results)} networks", "", "| status | networks |", "|---|---|"]
@@ -81,6 +100,9 @@ def summary_markdown(
     if len(tasks):
         makespan = tasks["finished"].max() - tasks["started"].min()
         lines += ["", f"{len(tasks)} tasks on {tasks['worker'].nunique()} worker(s), makespan {makespan:.1f} s."]
+    if schedule and schedule.get("makespan_seconds") is not None:
+        lines += ["", "## Schedule and cost model", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {label} | {_fmt(schedule.get(key), unit)} |" for label, key, unit in _SCHEDULE_ROWS]
     trained = results[results["status"] == "trained"]
     if len(trained):
         lines += ["", f"Median validation loss {trained['val_loss'].median():.4f} (normalised MSE)."]
@@ -96,6 +118,26 @@ def summary_markdown(
             if len(bad) > 50:
                 lines.append(f"| ... | {len(bad) - 50} more in results.parquet |")
     lines += ["", "## Files", "", f"- results: `{output_dir / 'results.parquet'}`",
-              f"- tasks: `{output_dir / 'tasks.parquet'}`"]  # fmt: skip
+              f"- tasks: `{output_dir / 'tasks.parquet'}`", f"- schedule: `{output_dir / 'schedule.json'}`"]  # fmt: skip
     lines += [f"- plot, {name}: `{path}`" for name, path in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+_SCHEDULE_ROWS = [
+    ("workers", "workers", ""), ("shards", "shards", ""),
+    ("makespan", "makespan_seconds", "s"), ("lower bound max(work / workers, longest chain)", "lower_bound_seconds", "s"),
+    ("makespan / lower bound", "makespan_over_bound", "x"),
+    ("median abs. % error of predictions, all tasks", "mape_percent", "%"),
+    ("median abs. % error from iteration 2", "mape_after_first_iteration_percent", "%"),
+    ("tasks given a priority", "priorities_asked", ""),
+    ("of those, held at that priority by a Dask worker", "priorities_seen_by_dask", ""),
+    ("Prefect+Dask overhead per task (median worker gap)", "median_overhead_gap_seconds", "s"),
+]  # fmt: skip
+
+
+def _fmt(value, unit: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}{' ' + unit if unit and unit != 'x' else unit}"
+    return str(value)

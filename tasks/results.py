@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -17,26 +18,95 @@ RESULT_COLUMNS = [
 ]  # fmt: skip
 
 
+TASK_COLUMNS = [
+    "shard_id", "iteration", "worker", "submitted", "started", "finished", "wall_seconds", "predicted_seconds",
+    "error_percent", "priority", "dask_priority", "networks", "trained", "skipped", "failed",
+]  # fmt: skip
+
+
 def tasks_table(results: list[IterationResult]) -> pd.DataFrame:
-    """One row per iteration task: where and when it ran and what it did."""
+    """One row per iteration task: where and when it ran, what it did, and what the cost model said.
+
+    `predicted_seconds` is the cost model's prediction when the task was submitted (before its own
+    time was seen), `error_percent` its signed error against `wall_seconds`; `priority` is what
+    the driver asked Dask for and `dask_priority` what the worker really held the task under.
+    """
     rows = [
         {
             "shard_id": r.shard_id,
             "iteration": r.iteration,
             "worker": r.worker,
+            "submitted": r.submitted,
             "started": r.started,
             "finished": r.finished,
             "wall_seconds": r.wall_seconds,
+            "predicted_seconds": r.predicted_seconds,
+            "error_percent": (None if r.predicted_seconds is None or r.wall_seconds <= 0
+                              else 100 * (r.predicted_seconds - r.wall_seconds) / r.wall_seconds),
+            "priority": r.priority,
+            "dask_priority": r.dask_priority,
             "networks": len(r.networks),
             "trained": sum(n.status == "trained" and not n.skipped for n in r.networks),
             "skipped": sum(n.skipped for n in r.networks),
             "failed": sum(n.status == "failed" for n in r.networks),
         }
         for r in results
-    ]
-    table = pd.DataFrame(rows, columns=["shard_id", "iteration", "worker", "started", "finished",
-                                        "wall_seconds", "networks", "trained", "skipped", "failed"])  # fmt: skip
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=TASK_COLUMNS)
+    for column in ("submitted", "predicted_seconds", "error_percent"):
+        table[column] = table[column].astype(float)
+    for column in ("priority", "dask_priority"):
+        table[column] = table[column].astype("Int64")
     return table.sort_values(["started", "shard_id"], ignore_index=True)
+
+
+def worker_gaps(tasks: pd.DataFrame) -> pd.Series:
+    """Seconds each worker spent between one task's end and the next one's start while it waited.
+
+    Only gaps where the next task had already been submitted count: those are the per-task cost of
+    Prefect and Dask (state changes, scheduling, transfer), not idleness for lack of work.
+    """
+    gaps = []
+    for _, mine in tasks.sort_values("started").groupby("worker"):
+        previous_end = mine["finished"].shift()
+        waiting = mine["submitted"].notna() & (mine["submitted"] <= previous_end)
+        gaps.append((mine["started"] - previous_end)[waiting])
+    return pd.concat(gaps) if gaps else pd.Series(dtype=float)
+
+
+def schedule_summary(tasks: pd.DataFrame, workers: int, plan: dict | None = None) -> dict:
+    """How well a run used its cluster and how well the cost model predicted it.
+
+    makespan: first task start to last task end. lower_bound: max(total task seconds / workers,
+    longest chain of one shard) - no schedule of these tasks can beat it. MAPE: median absolute
+    percentage error of the predictions, overall and from iteration 2 on (after the model has seen
+    the run's first tasks).
+    """
+    from tasks.cost_model import absolute_percentage_errors
+
+    summary = {"tasks": int(len(tasks)), "workers": int(workers), **(plan or {})}
+    if not len(tasks):
+        return summary
+    makespan = float(tasks["finished"].max() - tasks["started"].min())
+    bound = max(float(tasks["wall_seconds"].sum()) / max(workers, 1),
+                float(tasks.groupby("shard_id")["wall_seconds"].sum().max()))  # fmt: skip
+    errors = absolute_percentage_errors(tasks["predicted_seconds"], tasks["wall_seconds"])
+    later = errors[tasks.loc[errors.index, "iteration"] >= 2]
+    asked = tasks["priority"].notna()
+    gaps = worker_gaps(tasks)
+    summary.update(
+        makespan_seconds=makespan,
+        lower_bound_seconds=bound,
+        makespan_over_bound=makespan / bound if bound > 0 else None,
+        predicted_tasks=int(len(errors)),
+        mape_percent=float(errors.median()) if len(errors) else None,
+        mape_after_first_iteration_percent=float(later.median()) if len(later) else None,
+        priorities_asked=int(asked.sum()),
+        priorities_seen_by_dask=int((tasks.loc[asked, "priority"] == tasks.loc[asked, "dask_priority"]).sum()),
+        median_overhead_gap_seconds=float(gaps.median()) if len(gaps) else None,
+        mean_task_seconds=float(tasks["wall_seconds"].mean()),
+    )
+    return summary
 
 
 def results_table(
@@ -109,3 +179,9 @@ def write_parquet(table: pd.DataFrame, path: Path) -> Path:
 def status_counts(results: pd.DataFrame) -> dict[str, int]:
     """How many networks ended in each status."""
     return {str(k): int(v) for k, v in results["status"].value_counts().sort_index().items()}
+
+
+def write_json(payload: dict, path: Path) -> Path:
+    """Write `payload` as indented JSON to `path` atomically."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+    return path

@@ -5,6 +5,7 @@ Everything here is a plain function of arrays and frames; the Prefect tasks wrap
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,3 +178,39 @@ def make_windows(values: np.ndarray, spec: ModelSpec) -> Windows:
     x_train, y_train = sliding_windows(scaled[: len(values) - holdout], spec.window, spec.horizon)
     x_val, y_val = sliding_windows(scaled[len(values) - holdout - spec.window :], spec.window, spec.horizon)
     return Windows(x_train, y_train, x_val, y_val, mean, std)
+
+
+def for_iteration(windows: Windows, spec: ModelSpec, iteration: int) -> Windows:
+    """The windows iteration `iteration` trains on: all, or its expanding-window prefix (oldest first)."""
+    rows = spec.training_rows(windows.x_train.shape[0], iteration)
+    if rows == windows.x_train.shape[0]:
+        return windows
+    return dataclasses.replace(windows, x_train=windows.x_train[:rows], y_train=windows.y_train[:rows])
+
+
+def series_architectures(table: pd.DataFrame, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Per-series architectures from the table's optional `architecture` column ({} without one).
+
+    Raises DataError naming the series when a value is not one of `allowed` or a series has more
+    than one; a series whose cells are all empty keeps the run's architecture.
+    """
+    if "architecture" not in table.columns:
+        return {}
+    frame = pd.DataFrame({"series_id": table["series_id"].map(str), "architecture": table["architecture"]}).dropna()
+    frame["architecture"] = frame["architecture"].map(lambda v: str(v).strip().lower())
+    bad = frame[~frame["architecture"].isin(allowed)]
+    if len(bad):
+        row = bad.iloc[0]
+        raise DataError(
+            f"column architecture has {row['architecture']!r} for series {row['series_id']!r}; "
+            f"use one of {', '.join(allowed)} (or leave it empty for the run's model)"
+        )
+    kinds = frame.drop_duplicates().groupby("series_id", sort=False)["architecture"]
+    mixed = kinds.nunique()
+    if (mixed > 1).any():
+        series_id = mixed[mixed > 1].index[0]
+        raise DataError(
+            f"series {series_id!r} has more than one architecture in column architecture "
+            f"({', '.join(sorted(kinds.get_group(series_id)))}); give each series one"
+        )
+    return kinds.first().to_dict()

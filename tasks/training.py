@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from models import ModelSpec, build_model
 from tasks.series import Windows, make_windows
 from tasks.storage import (
+    checkpoint_iterations,
     checkpoint_path,
     journal_event,
     latest_valid_checkpoint,
@@ -67,6 +68,12 @@ class IterationResult:
     started: float  # unix seconds
     finished: float
     out_of_memory: str | None = None  # set when the task stopped early for lack of memory
+    # Filled in on the way back: the priority the Dask worker held the task under, and, by the
+    # driver, when it was submitted, what the cost model predicted and the priority it asked for.
+    dask_priority: int | None = None
+    submitted: float | None = None
+    predicted_seconds: float | None = None
+    priority: int | None = None
 
     @property
     def wall_seconds(self) -> float:
@@ -117,17 +124,19 @@ def train_network_iteration(
     so the result equals an uninterrupted run's. Raises on failure; the caller decides what fails.
     """
     folder = network_dir(output_dir, series_id)
-    done, state, problems = latest_valid_checkpoint(folder, below=iteration + 1)
+    # A network already past `iteration` (its checkpoint of `iteration` pruned) has nothing to redo.
+    newest = max(checkpoint_iterations(folder), default=0)
+    done, state, problems = latest_valid_checkpoint(folder, below=max(iteration, newest) + 1)
     if state is not None and state["spec"] != spec.fingerprint():
         raise ValueError(
             f"checkpoint in {folder} was trained with another model spec ({state['spec']} != "
             f"{spec.fingerprint()}); use a new output_dir or delete the old run"
         )
-    if done == iteration:
+    if done >= iteration:
         metrics = state["metrics"]
         return NetworkOutcome(
-            series_id, "trained", iteration, metrics["train_loss"], metrics["val_loss"],
-            metrics["train_windows"], 0.0, str(checkpoint_path(folder, iteration)), skipped=True, notes=problems,
+            series_id, "trained", done, metrics["train_loss"], metrics["val_loss"],
+            metrics["train_windows"], 0.0, str(checkpoint_path(folder, done)), skipped=True, notes=problems,
         )  # fmt: skip
 
     started = time.perf_counter()
@@ -139,12 +148,14 @@ def train_network_iteration(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-    x_train, y_train, x_val, y_val = (
+    x_all, y_all, x_val, y_val = (
         torch.tensor(a, device=device) for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val)
     )
     worker = _worker_name()
     for step in range(done + 1, iteration + 1):
         journal_event(folder, "start", step, worker)
+        rows = spec.training_rows(x_all.shape[0], step)
+        x_train, y_train = x_all[:rows], y_all[:rows]
         train_loss = fit_epochs(
             model, optimizer, x_train, y_train, spec.epochs_per_iteration, spec.batch_size, generator
         )

@@ -1,5 +1,7 @@
 """The fused engine trains each network exactly as it would be trained alone."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,19 @@ def test_networks_the_fused_path_cannot_take_still_train_or_fail_one_by_one(ragg
 def test_unknown_strategy_is_rejected():
     with pytest.raises(ValueError, match="strategy must be one of one_by_one, fused"):
         train_shard_iteration(0, [], SPEC, 1, "/nonexistent", strategy="vmap")
+
+
+def test_expanding_window_fused_matches_alone_and_grows_each_iteration(ragged):
+    root, ids = ragged
+    spec = SPEC.model_copy(update={"expanding_window": True, "expanding_start": 0.4})
+    for iteration in (1, 2, 3):
+        fused = train_shard_iteration(0, ids, spec, iteration, str(root / "fused"), strategy="fused")
+        alone = train_shard_iteration(0, ids, spec, iteration, str(root / "alone"), strategy="one_by_one")
+        for f, a in zip(fused.networks, alone.networks):
+            assert f.train_windows == a.train_windows
+            assert f.val_loss == pytest.approx(a.val_loss, rel=2e-4, abs=2e-5)
+    for sid in ids:
+        assert_same_network(checkpoint(root / "fused", sid, 3), checkpoint(root / "alone", sid, 3))
+    windows = [[checkpoint(root / "alone", "n1", i)["metrics"]["train_windows"] for i in (2, 3)]]
+    full = spec.train_windows(700)
+    assert windows == [[math.ceil(0.8 * full), full]]

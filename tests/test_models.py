@@ -42,3 +42,11 @@ def test_spec_coerces_names_dicts_and_none():
 def test_fingerprint_changes_with_any_field():
     assert ModelSpec().fingerprint() == ModelSpec().fingerprint()
     assert ModelSpec().fingerprint() != ModelSpec(hidden=33).fingerprint()
+
+
+def test_expanding_window_grows_linearly_then_uses_everything():
+    spec = ModelSpec(expanding_window=True, expanding_start=0.25)
+    assert [spec.training_rows(100, k) for k in (1, 2, 3, 4, 5)] == [25, 50, 75, 100, 100]
+    assert spec.training_rows(3, 1) == 1  # never zero windows
+    assert ModelSpec().training_rows(100, 1) == 100
+    assert ModelSpec(window=8, horizon=2, holdout_fraction=0.1).train_windows(100) == 100 - 10 - 8 - 2 + 1

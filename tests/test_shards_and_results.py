@@ -18,7 +18,7 @@ def test_fixed_shards_cover_every_network_once_in_order():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True])
 def test_bad_shard_size_is_rejected_with_what_is_expected(bad):
-    with pytest.raises(ValueError, match="shard_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="shard_size must be .auto. .planned from the cost model. or an integer >= 1"):
         plan_fixed_shards(["a"], bad)
 
 

@@ -89,7 +89,7 @@ def test_more_iterations_later_continue_from_the_checkpoints(tmp_path, small_tab
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"shard_size": 0}, "shard_size must be an integer >= 1"),
+        ({"shard_size": 0}, "shard_size must be .auto. .planned from the cost model. or an integer >= 1"),
         ({"iterations": 0}, "iterations must be an integer >= 1"),
         ({"model": {"architecture": "resnet"}}, "architecture"),
         ({"device": "tpu"}, "device must be"),

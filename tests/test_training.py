@@ -38,6 +38,19 @@ def test_rerunning_a_finished_iteration_trains_nothing(staged, small_spec):
     assert path.stat().st_mtime_ns == before
 
 
+def test_an_iteration_whose_checkpoint_was_pruned_is_not_redone(staged, small_spec):
+    from tasks.storage import checkpoint_iterations, read_journal
+
+    output_dir, ids = staged
+    third = train_network_iteration(ids[0], small_spec, 3, output_dir)
+    folder = network_dir(output_dir, ids[0])
+    assert checkpoint_iterations(folder) == [2, 3]  # iteration 1's checkpoint is pruned
+    again = train_network_iteration(ids[0], small_spec, 1, output_dir)
+    assert again.skipped and again.iteration == 3 and again.val_loss == third.val_loss
+    assert checkpoint_iterations(folder) == [2, 3]
+    assert [e["event"] for e in read_journal(folder)].count("done") == 3
+
+
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path, staged, small_spec):
     output_dir, ids = staged
     # Run A: iterations 1, 2, 3 as three separate task calls (resume from checkpoint each time).

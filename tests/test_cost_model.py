@@ -1,0 +1,83 @@
+"""The cost model: features, a non-negative relative-error fit, priors, online refits, history."""
+
+import numpy as np
+import pytest
+
+from models import ModelSpec
+from tasks.calibration import calibrate, prior_from
+from tasks.cost_model import (
+    CostModel,
+    TaskWork,
+    describe_task,
+    fit_coefficients,
+    load_history,
+    macs_per_window,
+    save_history,
+)
+
+SPEC = ModelSpec(hidden=8, layers=1, window=8, horizon=2, epochs_per_iteration=2, batch_size=16)
+
+
+def work(networks, sample_work, steps, key=("mlp", "one_by_one", "cpu")):
+    return TaskWork(*key, networks, sample_work, steps)
+
+
+def test_features_follow_the_strategy_that_really_runs():
+    rows = [10, 40, 100]
+    alone = describe_task(rows, SPEC, "one_by_one", "cpu")
+    fused = describe_task(rows, SPEC, "fused", "cuda:1")
+    assert alone.steps == 2 * (1 + 3 + 7) and fused.steps == 2 * 7  # fused: the longest sets the steps
+    assert alone.sample_work == fused.sample_work == 2 * 150 * macs_per_window(SPEC)
+    assert fused.key == ("mlp", "fused", "cuda")
+    lstm = SPEC.model_copy(update={"architecture": "lstm"})
+    assert describe_task(rows, lstm, "fused", "cpu").strategy == "one_by_one"  # no fused LSTM yet
+    assert macs_per_window(lstm) > macs_per_window(SPEC)
+
+
+def test_fit_recovers_non_negative_coefficients_and_small_relative_errors():
+    rng = np.random.default_rng(0)
+    truth = np.array([0.05, 0.002, 3e-8, 0.0])  # no per-step cost: the fit must not make one up negative
+    features = np.column_stack([np.ones(60), rng.integers(1, 64, 60), rng.uniform(1e5, 1e8, 60),
+                                rng.integers(1, 500, 60)])  # fmt: skip
+    seconds = features @ truth * rng.uniform(0.97, 1.03, 60)
+    fitted = fit_coefficients(features, seconds)
+    assert (fitted >= 0).all()
+    errors = np.abs(features @ fitted - seconds) / seconds
+    assert np.median(errors) < 0.03
+    np.testing.assert_allclose(fitted[:3], truth[:3], rtol=0.15)
+
+
+def test_prior_is_scaled_by_early_observations_then_refitted():
+    prior = np.array([0.1, 0.0, 0.0, 0.01])
+    model = CostModel({("mlp", "one_by_one", "cpu"): prior}, min_fit=4)
+    w = work(1, 0.0, 100)
+    assert model.predict(w) == pytest.approx(1.1)
+    model.observe(w, 2.2)  # the machine is twice as slow as the prior thought
+    assert model.predict(work(1, 0.0, 200)) == pytest.approx(2 * 2.1)
+    for steps in (10, 50, 300, 1000):
+        model.observe(work(1, 0.0, steps), 0.5 + 0.002 * steps)
+    assert model.predict(work(1, 0.0, 600)) == pytest.approx(0.5 + 1.2, rel=0.05)
+    with pytest.raises(KeyError):
+        model.predict(work(1, 0.0, 1, key=("lstm", "one_by_one", "cpu")))
+
+
+def test_history_round_trip_gives_the_next_run_a_prior(tmp_path):
+    model = CostModel()
+    for networks in (1, 2, 4, 8, 16, 32):
+        model.observe(work(networks, networks * 1e6, networks * 10), 0.2 + 0.01 * networks)
+    save_history(tmp_path, model)
+    save_history(tmp_path, model)  # appended, not replaced
+    history = load_history(tmp_path)
+    assert len(history) == 12
+    later = CostModel.from_history(history)
+    assert later.knows(("mlp", "one_by_one", "cpu"))
+    assert later.predict(work(10, 1e7, 100)) == pytest.approx(0.3, rel=0.05)
+
+
+def test_calibration_times_real_tasks_and_yields_a_usable_prior():
+    observations = calibrate(SPEC, "fused", "cpu", shortest=20, longest=400)
+    assert len(observations) == 5 and all(seconds > 0 for _, seconds in observations)
+    assert {w.key for w, _ in observations} == {("mlp", "fused", "cpu")}
+    model = CostModel(prior_from(observations))
+    small, large = describe_task([20], SPEC, "fused", "cpu"), describe_task([400] * 64, SPEC, "fused", "cpu")
+    assert 0 < model.predict(small) < model.predict(large)

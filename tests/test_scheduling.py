@@ -1,0 +1,88 @@
+"""Chains on workers: the simulator, the lower bound, priorities and the shard planner."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import ModelSpec
+from tasks.cost_model import CostModel
+from tasks.schedule import lower_bound, makespan, priority_of, simulate
+from tasks.series import DataError, series_architectures
+from tasks.shards import NetworkLoad, chain_costs, plan_auto_shards, plan_fixed_shards
+
+MLP = ModelSpec(hidden=8, layers=1, window=8, horizon=2, epochs_per_iteration=2, batch_size=16)
+LSTM = MLP.model_copy(update={"architecture": "lstm"})
+PRIOR = {
+    ("mlp", "one_by_one", "cpu"): np.array([0.01, 0.002, 2e-9, 1e-4]),
+    ("mlp", "fused", "cpu"): np.array([0.01, 0.003, 1e-9, 3e-4]),
+    ("lstm", "one_by_one", "cpu"): np.array([0.01, 0.004, 1e-8, 5e-4]),
+}
+
+
+def test_priorities_start_the_long_chain_first_and_fifo_does_not():
+    chains = [[1.0]] * 6 + [[3.0, 3.0, 3.0]]  # the long chain is submitted last
+    fifo, ranked = simulate(chains, 2, "fifo"), simulate(chains, 2, "priority")
+    assert makespan(ranked) == pytest.approx(9.0) == lower_bound(chains, 2)
+    assert makespan(fifo) == pytest.approx(12.0)
+    assert priority_of([3.0, 3.0, 3.0], 2) == 6000
+
+
+def test_simulated_schedules_respect_chains_workers_and_the_bound():
+    rng = np.random.default_rng(1)
+    chains = [list(rng.uniform(0.1, 5, rng.integers(1, 5))) for _ in range(40)]
+    for policy in ("fifo", "priority"):
+        schedule = simulate(chains, 3, policy)
+        assert len(schedule) == sum(len(c) for c in chains)
+        assert makespan(schedule) >= lower_bound(chains, 3) - 1e-9
+        by_chain = {}
+        for task in schedule:
+            by_chain.setdefault(task.chain, []).append(task)
+        for tasks in by_chain.values():
+            tasks.sort(key=lambda t: t.iteration)
+            assert all(b.start >= a.end - 1e-9 for a, b in zip(tasks, tasks[1:]))
+        for worker in range(3):
+            mine = sorted((t for t in schedule if t.worker == worker), key=lambda t: t.start)
+            assert all(b.start >= a.end - 1e-9 for a, b in zip(mine, mine[1:]))
+    with pytest.raises(ValueError, match="policy"):
+        simulate(chains, 2, "random")
+
+
+def skewed_loads(count=300, seed=0):
+    rng = np.random.default_rng(seed)
+    windows = np.exp(rng.uniform(np.log(100), np.log(2500), count)).astype(int)
+    return [NetworkLoad(f"s{i}", LSTM if i % 3 == 0 else MLP.model_copy(update={"expanding_window": False}),
+                        int(w)) for i, w in enumerate(windows)]  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["one_by_one", "fused"])
+def test_auto_plan_is_complete_homogeneous_balanced_and_near_the_bound(strategy):
+    loads = skewed_loads()
+    model = CostModel(PRIOR)
+    shards, summary = plan_auto_shards(loads, 3, 4, model, overhead=0.05, strategy=strategy, device="cpu")
+    placed = [sid for s in shards for sid in s.series_ids]
+    assert sorted(placed) == sorted(n.series_id for n in loads)
+    by_id = {n.series_id: n for n in loads}
+    assert all(len({by_id[sid].spec for sid in s.series_ids}) == 1 for s in shards)
+    assert all(s.spec == by_id[s.series_ids[0]].spec for s in shards)
+    assert len(shards) >= 3 * 4 and summary.overhead_share <= 0.10
+    assert summary.predicted_makespan <= 1.15 * summary.lower_bound
+    fixed = plan_fixed_shards([n.series_id for n in loads], 25)
+    fixed_chains = [chain_costs([by_id[i] for i in s.series_ids], 3, model, 0.05, strategy, "cpu") for s in fixed]
+    assert summary.predicted_makespan < makespan(simulate(fixed_chains, 4, "fifo"))
+
+
+def test_a_large_overhead_means_fewer_bigger_shards():
+    loads, model = skewed_loads(), CostModel(PRIOR)
+    cheap, _ = plan_auto_shards(loads, 2, 4, model, overhead=0.001, strategy="one_by_one", device="cpu")
+    dear, summary = plan_auto_shards(loads, 2, 4, model, overhead=2.0, strategy="one_by_one", device="cpu")
+    assert len(dear) < len(cheap)
+
+
+def test_architecture_column_is_read_per_series_and_checked():
+    table = pd.DataFrame({"series_id": [1, 1, 2, 3], "architecture": ["LSTM", "lstm", "mlp", None]})
+    assert series_architectures(table, ("mlp", "lstm")) == {"1": "lstm", "2": "mlp"}
+    assert series_architectures(table.drop(columns="architecture"), ("mlp",)) == {}
+    with pytest.raises(DataError, match="'gru' for series '2'"):
+        series_architectures(table.replace({"mlp": "gru"}), ("mlp", "lstm"))
+    with pytest.raises(DataError, match="series '1' has more than one architecture"):
+        series_architectures(table.replace({"LSTM": "mlp"}), ("mlp", "lstm"))

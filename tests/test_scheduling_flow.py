@@ -1,0 +1,78 @@
+"""The cost model and its priorities inside train_many, on a real LocalCluster of worker processes."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.train import train_many
+from models import ModelSpec
+from tasks.storage import checkpoint_path, load_checkpoint, network_dir
+from tests.conftest import series_frame
+
+MODEL = {"hidden": 8, "layers": 1, "window": 8, "horizon": 2, "epochs_per_iteration": 2, "batch_size": 16,
+         "expanding_window": True, "expanding_start": 0.4}  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture
+def mixed_table():
+    """Twelve series of 60 to 900 points; every third one asks for an LSTM in the architecture column."""
+    rng = np.random.default_rng(5)
+    frames = []
+    for i, length in enumerate(np.geomspace(60, 900, 12).astype(int)):
+        frame = series_frame(f"s{i}", np.sin(np.arange(length) / (3 + i)) + 0.1 * rng.normal(size=length))
+        frame["architecture"] = "lstm" if i % 3 == 0 else None
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_planned_shards_and_priorities_reach_dask_and_are_reported(tmp_path, mixed_table):
+    out = tmp_path / "run"
+    results = train_many(mixed_table, model=MODEL, iterations=3, output_dir=str(out), n_workers=2,
+                         strategy="fused", progress_bar=False)  # fmt: skip
+
+    assert (results["status"] == "trained").all() and (results["iterations_done"] == 3).all()
+    tasks = pd.read_parquet(out / "tasks.parquet")
+    # Every task was predicted before it ran, and given a priority that the worker really held it under.
+    assert tasks["predicted_seconds"].notna().all() and (tasks["predicted_seconds"] > 0).all()
+    assert tasks["priority"].notna().all()
+    assert (tasks["priority"] == tasks["dask_priority"]).all()
+    # Along a chain the remaining work, hence the priority, only shrinks.
+    for _, chain in tasks.groupby("shard_id"):
+        assert chain.sort_values("iteration")["priority"].is_monotonic_decreasing
+    # Shards hold one architecture each; LSTM series were trained as LSTMs, the rest as MLPs.
+    mlp, lstm = ModelSpec(**MODEL), ModelSpec(**{**MODEL, "architecture": "lstm"})
+    for i in range(12):
+        state = load_checkpoint(checkpoint_path(network_dir(out, f"s{i}"), 3))
+        assert state["spec"] == (lstm if i % 3 == 0 else mlp).fingerprint()
+    # The expanding window: each iteration trained on more windows than the last.
+    first = load_checkpoint(checkpoint_path(network_dir(out, "s11"), 2))["metrics"]["train_windows"]
+    assert first < results.set_index("series_id").loc["s11", "train_windows"]
+
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert schedule["planned"] and schedule["priorities"] and schedule["workers"] == 2
+    assert schedule["tasks"] == len(tasks) and schedule["priorities_seen_by_dask"] == len(tasks)
+    assert 0 < schedule["lower_bound_seconds"] <= schedule["makespan_seconds"]
+    assert schedule["mape_percent"] is not None and schedule["mape_after_first_iteration_percent"] is not None
+    assert (out / "plots" / "predicted_vs_actual.png").stat().st_size > 0
+    assert len(pd.read_parquet(out / "cost_history.parquet")) == len(tasks)
+
+    # A second run in the same folder starts from that history (no calibration) and redoes nothing.
+    again = train_many(mixed_table, model=MODEL, iterations=3, output_dir=str(out), n_workers=2,
+                       strategy="fused", progress_bar=False)  # fmt: skip
+    assert (again["status"] == "trained").all()
+    assert pd.read_parquet(out / "tasks.parquet")["trained"].sum() == 0
+
+
+def test_without_priorities_tasks_run_at_dask_default_priority(tmp_path, mixed_table):
+    out = tmp_path / "fifo"
+    train_many(mixed_table, model=MODEL, iterations=2, shard_size=3, output_dir=str(out), n_workers=2,
+               priorities=False, progress_bar=False)  # fmt: skip
+    tasks = pd.read_parquet(out / "tasks.parquet")
+    assert tasks["priority"].isna().all() and (tasks["dask_priority"] == 0).all()
+    assert len(tasks) == 2 * 5  # 8 MLP series in shards of 3 (3+3+2), 4 LSTM series (3+1)
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert not schedule["planned"] and schedule["priorities_asked"] == 0
