@@ -14,14 +14,14 @@ def tables():
         "position": pd.array([0, 1, 2, None], dtype="Int64"),
     })  # fmt: skip
     tasks = pd.DataFrame({"shard_id": [0, 1], "iteration": [1, 1], "worker": ["w1", "w2"], "started": [10.0, 10.5],
-                          "finished": [12.0, 13.0], "wall_seconds": [2.0, 2.5]})  # fmt: skip
+                          "finished": [12.0, 13.0], "wall_seconds": [2.0, 2.5], "predicted_seconds": [1.8, 3.0]})  # fmt: skip
     return results, tasks
 
 
 def test_plots_are_written_as_pngs(tmp_path):
     results, tasks = tables()
     plots = write_plots(results, tasks, tmp_path / "plots")
-    assert set(plots) == {"validation loss", "time per network", "tasks per worker"}
+    assert set(plots) == {"validation loss", "time per network", "tasks per worker", "predicted vs measured"}
     for path in plots.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
@@ -42,3 +42,17 @@ def test_summary_counts_statuses_lists_slowest_and_failures_with_reasons(tmp_pat
     assert "| `c` | RuntimeError: x / y |" in text  # a '|' in a reason cannot break the table
     assert "| `d` | constant series |" in text
     assert f"`{tmp_path / 'g.png'}`" in text
+
+
+def test_summary_has_the_schedule_and_cost_model_section(tmp_path):
+    from tasks.results import schedule_summary
+
+    results, tasks = tables()
+    tasks = tasks.assign(submitted=[9.0, 9.0], priority=pd.array([5, None], dtype="Int64"),
+                         dask_priority=pd.array([5, 0], dtype="Int64"))  # fmt: skip
+    schedule = schedule_summary(tasks, 2, {"shards": 2})
+    text = summary_markdown(results, tasks, {}, tmp_path, schedule)
+    assert "## Schedule and cost model" in text
+    assert "| makespan | 3.00 s |" in text and "| lower bound max(work / workers, longest chain) | 2.50 s |" in text
+    assert "| median abs. % error of predictions, all tasks | 15.00 % |" in text
+    assert "| tasks given a priority | 1 |" in text and "| of those, held at that priority by a Dask worker | 1 |" in text

@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 
 from tasks.results import results_table, status_counts, tasks_table
@@ -64,3 +65,23 @@ def test_a_network_whose_later_task_failed_ends_failed_but_keeps_its_iterations(
     table = results_table(["a"], [], results, {"a": "task shard-0-iter-2 failed after retries: boom"})
     row = table.iloc[0]
     assert row["status"] == "failed" and row["iterations_done"] == 1 and "iter-2" in row["reason"]
+
+
+def test_schedule_summary_measures_makespan_bound_errors_and_overhead_gaps():
+    from tasks.results import schedule_summary
+
+    tasks = pd.DataFrame({
+        "shard_id": [0, 0, 1, 2], "iteration": [1, 2, 1, 1], "worker": ["w1", "w1", "w2", "w2"],
+        "submitted": [0.0, 4.0, 0.0, 0.0], "started": [0.0, 4.5, 0.1, 3.2], "finished": [4.0, 8.0, 3.0, 5.0],
+        "wall_seconds": [4.0, 3.5, 2.9, 1.8], "predicted_seconds": [3.0, 3.5, None, 2.0],
+        "priority": pd.array([2, 1, None, None], dtype="Int64"), "dask_priority": pd.array([2, 1, 0, 0], dtype="Int64"),
+    })  # fmt: skip
+    summary = schedule_summary(tasks, 2, {"planned": True})
+    assert summary["planned"] and summary["tasks"] == 4
+    assert summary["makespan_seconds"] == 8.0
+    assert summary["lower_bound_seconds"] == 7.5  # shard 0's chain, above 12.2 / 2
+    assert summary["mape_percent"] == pytest.approx(100 * 0.2 / 1.8)  # median of 25%, 0% and 11.1%
+    assert summary["mape_after_first_iteration_percent"] == 0.0
+    assert summary["priorities_asked"] == 2 and summary["priorities_seen_by_dask"] == 2
+    # w1 waited 0.5 s with shard 0's iteration 2 already submitted; w2's 0.2 s gap counts too.
+    assert summary["median_overhead_gap_seconds"] == pytest.approx(0.35)
