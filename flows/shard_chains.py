@@ -147,7 +147,9 @@ def train_shards(
         for half in halves:
             completions.add(submit(half, iteration))
 
-    if priorities:  # longest predicted chain first, so that even the order of submission favours it
+    if priorities:
+        # Idle workers take the first tasks as they arrive, before the rest of the wave is queued
+        # by priority: so the wave itself goes out longest predicted chain first.
         shards.sort(key=lambda s: -(forecast([loads[i] for i in s.series_ids], 1, iterations, model, overhead,
                                              strategy, device)[1] or 0))  # fmt: skip
     first_wave = [submit(shard, 1) for shard in shards]

@@ -116,6 +116,8 @@ def _pack(networks: list[NetworkLoad], shards: int, iterations: int, coefficient
     sum_rows = np.zeros((shards, iterations))
     steps = np.zeros((shards, iterations))
     members: list[list[NetworkLoad]] = [[] for _ in range(shards)]
+    # chain_costs' arithmetic, for every candidate shard at once: one predict call per shard and
+    # network would make planning 1660 networks take seconds.
     for i in np.argsort(-solo, kind="stable"):
         new_steps = np.maximum(steps, batches[i]) if fused else steps + batches[i]
         cost = (iterations * (c_task + overhead) + iterations * c_network * (count + 1)
@@ -180,12 +182,6 @@ def plan_auto_shards(
     summary = PlanSummary(chosen["shards"], chosen["predicted_makespan"], chosen["lower_bound"], chosen["overhead_share"],
                           [{k: v for k, v in c.items() if k != "plan"} for c in candidates])  # fmt: skip
     return shards, summary
-
-
-def network_loads(series: dict[str, int], specs: dict[str, ModelSpec]) -> list[NetworkLoad]:
-    """NetworkLoads from series lengths and each series' spec."""
-    return [NetworkLoad(sid, specs[sid], specs[sid].train_windows(length)) for sid, length in series.items()]
-
 
 
 def forecast(members: list[NetworkLoad], iteration: int, iterations: int, model: CostModel, overhead: float,
