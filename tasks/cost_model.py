@@ -7,7 +7,7 @@ for each (architecture, strategy, device):
 
 `c_task` is the fixed cost inside a task, `c_network` what each network costs whatever its size
 (building, loading, checkpointing), `c_work` the arithmetic and `c_step` the per-step Python and
-launch overhead. The Prefect + Dask overhead around a task is measured apart (`overhead_seconds`)
+launch overhead. The Prefect + Dask overhead around a task is measured apart (by the flow and in the report)
 because the task's own clock cannot see it. Fits minimise the squared *relative* error, so short
 and long tasks count alike, which is what a median absolute percentage error judges.
 """
@@ -195,7 +195,7 @@ def save_history(output_dir: str | Path, model: CostModel, keep: int = 20_000) -
     return write_parquet(history, Path(output_dir) / HISTORY_FILE)
 
 
-def absolute_percentage_errors(predicted: pd.Series, actual: pd.Series) -> pd.Series:
-    """|predicted - actual| / actual, in percent, where both are known and actual > 0."""
+def percentage_errors(predicted: pd.Series, actual: pd.Series) -> pd.Series:
+    """Signed (predicted - actual) / actual in percent, where both are known and actual > 0."""
     known = predicted.notna() & actual.notna() & (actual > 0)
-    return ((predicted[known] - actual[known]).abs() / actual[known] * 100).astype(float)
+    return ((predicted[known] - actual[known]) / actual[known] * 100).astype(float)

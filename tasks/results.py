@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.cost_model import percentage_errors
 from tasks.series import InvalidSeries
 from tasks.storage import atomic_write_bytes
 from tasks.training import IterationResult
@@ -41,8 +42,6 @@ def tasks_table(results: list[IterationResult]) -> pd.DataFrame:
             "finished": r.finished,
             "wall_seconds": r.wall_seconds,
             "predicted_seconds": r.predicted_seconds,
-            "error_percent": (None if r.predicted_seconds is None or r.wall_seconds <= 0
-                              else 100 * (r.predicted_seconds - r.wall_seconds) / r.wall_seconds),
             "priority": r.priority,
             "dask_priority": r.dask_priority,
             "networks": len(r.networks),
@@ -53,8 +52,9 @@ def tasks_table(results: list[IterationResult]) -> pd.DataFrame:
         for r in results
     ]  # fmt: skip
     table = pd.DataFrame(rows, columns=TASK_COLUMNS)
-    for column in ("submitted", "predicted_seconds", "error_percent"):
+    for column in ("submitted", "predicted_seconds"):
         table[column] = table[column].astype(float)
+    table["error_percent"] = percentage_errors(table["predicted_seconds"], table["wall_seconds"])
     for column in ("priority", "dask_priority"):
         table[column] = table[column].astype("Int64")
     return table.sort_values(["started", "shard_id"], ignore_index=True)
@@ -82,15 +82,13 @@ def schedule_summary(tasks: pd.DataFrame, workers: int, plan: dict | None = None
     percentage error of the predictions, overall and from iteration 2 on (after the model has seen
     the run's first tasks).
     """
-    from tasks.cost_model import absolute_percentage_errors
-
     summary = {"tasks": int(len(tasks)), "workers": int(workers), **(plan or {})}
     if not len(tasks):
         return summary
     makespan = float(tasks["finished"].max() - tasks["started"].min())
     bound = max(float(tasks["wall_seconds"].sum()) / max(workers, 1),
                 float(tasks.groupby("shard_id")["wall_seconds"].sum().max()))  # fmt: skip
-    errors = absolute_percentage_errors(tasks["predicted_seconds"], tasks["wall_seconds"])
+    errors = percentage_errors(tasks["predicted_seconds"], tasks["wall_seconds"]).abs()
     later = errors[tasks.loc[errors.index, "iteration"] >= 2]
     asked = tasks["priority"].notna()
     gaps = worker_gaps(tasks)
