@@ -39,7 +39,45 @@ class LSTMForecaster(nn.Module):
         return self.head(out[:, -1, :])
 
 
-_FAMILIES: dict[str, type[nn.Module]] = {"mlp": MLPForecaster, "lstm": LSTMForecaster}
+class GRUForecaster(nn.Module):
+    """A GRU over the window, its last hidden state mapped to the horizon."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gru = nn.GRU(input_size=1, hidden_size=spec.hidden, num_layers=spec.layers, batch_first=True)
+        self.head = nn.Linear(spec.hidden, spec.horizon)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:  # (batch, window) -> (batch, horizon)
+        out, _ = self.gru(window.unsqueeze(-1))
+        return self.head(out[:, -1, :])
+
+
+class TransformerForecaster(nn.Module):
+    """A small Transformer encoder over the window's values; the last position maps to the horizon.
+
+    Each value is embedded by a linear map plus a learned position embedding; post-norm encoder
+    layers with a ReLU feed-forward twice the width, no dropout (the fleets are small and the fused
+    engine must reproduce a network exactly).
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed = nn.Linear(1, spec.hidden)
+        self.position = nn.Parameter(torch.zeros(spec.window, spec.hidden))
+        layer = nn.TransformerEncoderLayer(
+            spec.hidden, spec.heads, dim_feedforward=2 * spec.hidden, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(spec.hidden, spec.horizon)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:  # (batch, window) -> (batch, horizon)
+        tokens = self.embed(window.unsqueeze(-1)) + self.position
+        return self.head(self.encoder(tokens)[:, -1, :])
+
+
+_FAMILIES: dict[str, type[nn.Module]] = {
+    "mlp": MLPForecaster, "lstm": LSTMForecaster, "gru": GRUForecaster, "transformer": TransformerForecaster,
+}  # fmt: skip
 
 
 @torch.no_grad()
@@ -47,7 +85,9 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> None:
     """Re-initialise `model` exactly as PyTorch's defaults do, but from `generator`.
 
     Drawing from a per-network generator instead of the global RNG keeps a network's weights a
-    function of its own seed, whatever else runs in the same process or thread.
+    function of its own seed, whatever else runs in the same process or thread. Every parameter is
+    written (models may be built on the meta device); the transformer's position embedding, which
+    PyTorch has no default for, is drawn from N(0, 0.02).
     """
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -55,10 +95,22 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> None:
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.weight.shape[1])
                 nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-        elif isinstance(module, nn.LSTM):
+        elif isinstance(module, (nn.LSTM, nn.GRU)):
             bound = 1 / math.sqrt(module.hidden_size)
             for weight in module.parameters():
                 nn.init.uniform_(weight, -bound, bound, generator=generator)
+        elif isinstance(module, nn.MultiheadAttention):
+            # As MultiheadAttention._reset_parameters; out_proj (a Linear) is visited after this.
+            nn.init.xavier_uniform_(module.in_proj_weight, generator=generator)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            nn.init.zeros_(module.out_proj.bias)
+        if isinstance(module, TransformerForecaster):
+            nn.init.normal_(module.position, std=0.02, generator=generator)
 
 
 def build_model(spec: ModelSpec, generator: torch.Generator | None = None) -> nn.Module:

@@ -7,9 +7,12 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ARCHITECTURES = ("mlp", "lstm")
+ARCHITECTURES = ("mlp", "lstm", "gru", "transformer")
+# Fields added after checkpoints existed: left out of the fingerprint while at their defaults, so a
+# run trained before they existed still resumes.
+_LATER_FIELDS = ("heads", "grad_clip", "lr_decay", "early_stopping_patience", "early_stopping_min_delta")
 
 
 class ModelSpec(BaseModel):
@@ -21,9 +24,14 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    architecture: Literal["mlp", "lstm"] = Field("mlp", description="Network family: 'mlp' or 'lstm'.")
-    hidden: int = Field(32, ge=1, le=4096, description="Width of each hidden layer (LSTM: hidden size).")
-    layers: int = Field(2, ge=1, le=16, description="Number of hidden layers (LSTM: stacked layers).")
+    architecture: Literal["mlp", "lstm", "gru", "transformer"] = Field(
+        "mlp", description="Network family: 'mlp', 'lstm', 'gru' or 'transformer' (a small encoder)."
+    )
+    hidden: int = Field(
+        32, ge=1, le=4096, description="Width of each hidden layer (LSTM/GRU: hidden size; transformer: model width)."
+    )
+    layers: int = Field(2, ge=1, le=16, description="Number of hidden layers (LSTM/GRU/transformer: stacked layers).")
+    heads: int = Field(4, ge=1, le=64, description="Attention heads of the transformer; must divide `hidden`.")
     window: int = Field(32, ge=1, le=4096, description="Past values the network sees per prediction.")
     horizon: int = Field(8, ge=1, le=1024, description="Future values predicted per window.")
     learning_rate: float = Field(3e-3, gt=0, le=10, description="Adam learning rate.")
@@ -40,6 +48,28 @@ class ModelSpec(BaseModel):
     expanding_start: float = Field(
         0.25, gt=0, le=1, description="Share of the training windows iteration 1 uses when expanding_window is on."
     )
+
+    grad_clip: float | None = Field(
+        None, gt=0, description="Clip each network's gradient to this global L2 norm before every step (None: off)."
+    )
+    lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Learning rate multiplied by this after every epoch a network trains (1: constant)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop a network after this many epochs without its validation loss improving by "
+        "more than early_stopping_min_delta; it keeps its weights and skips later iterations (None: off).",
+    )  # fmt: skip
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelSpec":
+        if self.architecture == "transformer" and self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for a transformer")
+        return self
+
+    def learning_rate_at(self, epochs_done: int) -> float:
+        """The learning rate of a network's next epoch after it has trained `epochs_done` epochs."""
+        return self.learning_rate * self.lr_decay**epochs_done
 
     def training_rows(self, available: int, iteration: int) -> int:
         """How many of a network's `available` training windows iteration `iteration` trains on.
@@ -69,7 +99,11 @@ class ModelSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """A short hash of everything that shapes a checkpoint; a resumed run must match it."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        fields = self.model_dump()
+        for name in _LATER_FIELDS:
+            if fields[name] == type(self).model_fields[name].default:
+                del fields[name]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def coerce(cls, value: ModelSpec | dict[str, Any] | str | None) -> ModelSpec:

@@ -63,12 +63,25 @@ _MACS: dict[str, float] = {}
 
 
 def macs_per_window(spec: ModelSpec) -> float:
-    """Multiply-adds of one forward pass over one window (parameters, times time steps for an LSTM)."""
+    """Multiply-adds of one forward pass over one window.
+
+    MLP: its parameters. LSTM/GRU: parameters times time steps (every weight is used at every
+    step). Transformer: the encoder's weights at every position plus attention's scores and
+    weighted sums (2 x window^2 x width per layer); the position table is added, not multiplied.
+    """
     fingerprint = spec.fingerprint()
     if fingerprint not in _MACS:
         with torch.device("meta"):
-            params = sum(p.numel() for p in build_model(spec).parameters())
-        _MACS[fingerprint] = float(params * (spec.window if spec.architecture == "lstm" else 1))
+            model = build_model(spec)
+        params = sum(p.numel() for p in model.parameters())
+        if spec.architecture in ("lstm", "gru"):
+            macs = params * spec.window
+        elif spec.architecture == "transformer":
+            encoder = sum(p.numel() for p in model.encoder.parameters()) + model.embed.weight.numel()
+            macs = encoder * spec.window + 2 * spec.window**2 * spec.hidden * spec.layers + model.head.weight.numel()
+        else:
+            macs = params
+        _MACS[fingerprint] = float(macs)
     return _MACS[fingerprint]
 
 

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models import ModelSpec, build_model
-from models.stacked import StackedAdam, StackedMLP
+from models.spec import ARCHITECTURES
+from models.stacked import StackedAdam, StackedNetworks, stack
 from tasks.series import Windows, for_iteration, make_windows
 from tasks.storage import checkpoint_path, journal_event, network_dir, read_values
 
-FUSABLE = ("mlp",)
+if TYPE_CHECKING:
+    from tasks.training import Progress
+
+FUSABLE = ARCHITECTURES
 
 
 @dataclass
@@ -31,12 +36,15 @@ class FusedMember:
     generator: torch.Generator
     model: torch.nn.Module
     optimizer_state: dict | None
+    progress: Progress
 
 
 def prepare_member(
     series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int, iteration: int
 ) -> FusedMember:
     """Load one network's data for `iteration` and its state exactly as the one-by-one path would."""
+    from tasks.training import Progress
+
     windows = for_iteration(make_windows(read_values(output_dir, series_id), spec), spec, iteration)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(spec, generator)
@@ -45,7 +53,8 @@ def prepare_member(
         model.load_state_dict(state["model"])
         optimizer_state = state["optimizer"]
         generator.set_state(state["generator"])
-    return FusedMember(series_id, windows, generator, model, optimizer_state)
+    progress = Progress.from_metrics(state["metrics"] if state else None, spec, iteration - 1)
+    return FusedMember(series_id, windows, generator, model, optimizer_state, progress)
 
 
 def _flat(arrays, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +82,7 @@ def _masked_mse(pred, target, mask) -> torch.Tensor:
     return squared.sum(dim=(1, 2)) / (mask.sum(dim=1).clamp(min=1) * pred.shape[-1])
 
 
-def _load_optimizer_states(stacked: StackedMLP, optimizer: StackedAdam, members: list[FusedMember]) -> None:
+def _load_optimizer_states(stacked: StackedNetworks, optimizer: StackedAdam, members: list[FusedMember]) -> None:
     for i, p in enumerate(stacked.params):
         for attr, key in ((optimizer.exp_avgs, "exp_avg"), (optimizer.exp_avg_sqs, "exp_avg_sq")):
             pieces = [m.optimizer_state["state"][i][key] if m.optimizer_state else None for m in members]
@@ -86,7 +95,7 @@ def _load_optimizer_states(stacked: StackedMLP, optimizer: StackedAdam, members:
         )
 
 
-def _optimizer_state_of(stacked: StackedMLP, optimizer: StackedAdam, k: int, template: dict) -> dict:
+def _optimizer_state_of(stacked: StackedNetworks, optimizer: StackedAdam, k: int, template: dict) -> dict:
     """Network k's Adam state in torch.optim.Adam's state-dict layout, so any path can resume it."""
     state = {
         i: {"step": torch.tensor(float(optimizer.steps[i][k])),
@@ -103,7 +112,9 @@ def train_fused_iteration(
     """Train iteration `iteration` of `members` together and checkpoint each network.
 
     Returns, per series id, (train_loss, val_loss, train_windows, seconds) or the exception that
-    failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint.
+    failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint. Each
+    member's `progress` is updated: a network that stops early is masked out of the remaining
+    steps and checkpointed where it stopped, as it would have been alone.
     """
     from tasks.training import NonFiniteLoss, save_iteration  # imported here: tasks.training imports this module
 
@@ -112,7 +123,7 @@ def train_fused_iteration(
     # each step computes only those (no work on networks that have finished their epoch).
     members = sorted(members, key=lambda m: -m.windows.x_train.shape[0])
     k_count = len(members)
-    stacked = StackedMLP([m.model for m in members]).to(device)
+    stacked = stack(spec.architecture, [m.model for m in members]).to(device)
     optimizer = StackedAdam(stacked.parameters(), lr=spec.learning_rate)
     _load_optimizer_states(stacked, optimizer, members)
     template = torch.optim.Adam(members[0].model.parameters(), lr=spec.learning_rate).state_dict()
@@ -122,47 +133,66 @@ def train_fused_iteration(
     y_val, _ = _flat([m.windows.y_val for m in members], device)
     counts = torch.tensor([m.windows.x_train.shape[0] for m in members])
     val_counts = torch.tensor([m.windows.x_val.shape[0] for m in members])
+    val_idx, val_real = _rows(val_starts, val_counts, int(val_counts.max()))
     batch = spec.batch_size
-    alive = torch.ones(k_count, dtype=torch.bool, device=device)
+    # Who still trains this iteration: neither blown up nor stopped early.
+    active = torch.ones(k_count, dtype=torch.bool)
+    last_loss = torch.full((k_count,), float("nan"))
     errors: dict[str, Exception] = {}
     for m in members:
         journal_event(network_dir(output_dir, m.series_id), "start", iteration, worker)
-    stacked.train()
+
+    def validation_losses() -> torch.Tensor:
+        stacked.eval()
+        with torch.no_grad():
+            return _masked_mse(stacked(x_val[val_idx]), y_val[val_idx], val_real).cpu()
+
     for _ in range(spec.epochs_per_iteration):
-        steps = int((counts.max() + batch - 1) // batch)
+        if not active.any():
+            break
+        stacked.train()
+        optimizer.lr = torch.tensor([spec.learning_rate_at(m.progress.epochs_trained) for m in members],
+                                    dtype=torch.float64)  # fmt: skip
+        steps = int((counts[active].max() + batch - 1) // batch)
         order = torch.zeros(k_count, steps * batch, dtype=torch.long)
         for k, m in enumerate(members):  # each network shuffles with its own generator, as alone
-            order[k, : counts[k]] = torch.randperm(int(counts[k]), generator=m.generator)
-        order = (order.to(device) + train_starts.unsqueeze(1))  # global rows; padding is masked out
-        in_epoch = (torch.arange(steps * batch).unsqueeze(0) < counts.unsqueeze(1)).to(device)
+            if active[k]:
+                order[k, : counts[k]] = torch.randperm(int(counts[k]), generator=m.generator)
+        order = order.to(device) + train_starts.unsqueeze(1)  # global rows; padding is masked out
+        in_epoch = ((torch.arange(steps * batch).unsqueeze(0) < counts.unsqueeze(1)) & active.unsqueeze(1)).to(device)
         total = torch.zeros(k_count, device=device)
         for s in range(steps):
             upto = int((counts > s * batch).sum())
             window = slice(s * batch, (s + 1) * batch)
-            idx, real = order[:upto, window], in_epoch[:upto, window] & alive[:upto].unsqueeze(1)
+            idx, real = order[:upto, window], in_epoch[:upto, window]
             losses = _masked_mse(stacked(x_train[idx], upto), y_train[idx], real)
             optimizer.zero_grad()
             losses.sum().backward()
+            if spec.grad_clip is not None:
+                optimizer.clip_grad_norm(spec.grad_clip, upto)
             stepping = real.any(dim=1)
             optimizer.step(stepping)
             total[:upto] += torch.where(stepping, losses.detach() * real.sum(dim=1), 0.0)
-        epoch_loss = total / counts.to(device)
-        blown = alive & ~torch.isfinite(epoch_loss)
+        epoch_loss = (total / counts.to(device)).cpu()
+        last_loss = torch.where(active, epoch_loss, last_loss)
+        blown = active & ~torch.isfinite(epoch_loss)
         for k in blown.nonzero().flatten().tolist():
             errors[members[k].series_id] = NonFiniteLoss(f"training loss became {float(epoch_loss[k])}")
-        alive &= ~blown
-    stacked.eval()
-    with torch.no_grad():
-        val_idx, val_real = _rows(val_starts, val_counts, int(val_counts.max()))
-        val_losses = _masked_mse(stacked(x_val[val_idx]), y_val[val_idx], val_real)
+        active &= ~blown
+        watching = spec.early_stopping_patience is not None
+        val_now = validation_losses() if watching else None
+        for k in active.nonzero().flatten().tolist():
+            members[k].progress.after_epoch(float(val_now[k]) if watching else None, spec)
+            active[k] = not members[k].progress.stopped
+    val_losses = validation_losses()
     seconds = (time.perf_counter() - started) / k_count  # the shared time, split evenly
     results: dict[str, tuple[float, float, int, float] | Exception] = dict(errors)
     for k, m in enumerate(members):
         if m.series_id in errors:
             continue
         folder = network_dir(output_dir, m.series_id)
-        metrics = {"train_loss": float(epoch_loss[k]), "val_loss": float(val_losses[k]),
-                   "train_windows": int(counts[k])}  # fmt: skip
+        metrics = {"train_loss": float(last_loss[k]), "val_loss": float(val_losses[k]),
+                   "train_windows": int(counts[k]), **m.progress.as_metrics()}  # fmt: skip
         save_iteration(folder, iteration, spec, stacked.state_dict_of(k),
                        _optimizer_state_of(stacked, optimizer, k, template), m.generator, metrics, m.windows,
                        worker)  # fmt: skip
@@ -179,7 +209,7 @@ def train_fusable_part(
     cannot be loaded are left out: the one-by-one path handles (and reports) those.
     """
     from tasks.storage import checkpoint_iterations, latest_valid_checkpoint
-    from tasks.training import NetworkOutcome, failed_outcome, network_seed
+    from tasks.training import NetworkOutcome, failed_outcome, network_seed, stop_reason
 
     if spec.architecture not in FUSABLE:
         return {}
@@ -191,6 +221,8 @@ def train_fusable_part(
         done, state, problems = latest_valid_checkpoint(folder, below=iteration + 1)
         if done != iteration - 1 or (state is not None and state["spec"] != spec.fingerprint()):
             continue
+        if state is not None and state["metrics"].get("stopped"):
+            continue  # stopped early: the one-by-one path reports it without training
         try:
             members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id),
                                           iteration))
@@ -200,14 +232,17 @@ def train_fusable_part(
     if not members:
         return {}
     outcomes = {}
+    progress = {m.series_id: m.progress for m in members}
     for series_id, result in train_fused_iteration(members, spec, iteration, output_dir, device, worker).items():
         if isinstance(result, Exception):
             outcomes[series_id] = failed_outcome(series_id, output_dir, iteration - 1,
                                                  f"{type(result).__name__}: {result}", notes=notes[series_id])  # fmt: skip
         else:
             train_loss, val_loss, windows, seconds = result
+            stopped = progress[series_id].stopped
             outcomes[series_id] = NetworkOutcome(
-                series_id, "trained", iteration, train_loss, val_loss, windows, seconds,
+                series_id, "stopped" if stopped else "trained", iteration, train_loss, val_loss, windows, seconds,
                 str(checkpoint_path(network_dir(output_dir, series_id), iteration)), notes=notes[series_id],
+                error=stop_reason(spec, progress[series_id]) if stopped else None,
             )  # fmt: skip
     return outcomes

@@ -140,8 +140,8 @@ def results_table(
                 shard_id=result.shard_id,
                 checkpoint=outcome.checkpoint,
             )
-            if outcome.status == "trained":
-                row.update(train_loss=outcome.train_loss, val_loss=outcome.val_loss, reason=None)
+            if outcome.status in ("trained", "stopped"):  # stopped: its reason says when and why
+                row.update(train_loss=outcome.train_loss, val_loss=outcome.val_loss, reason=outcome.error)
             else:
                 row["reason"] = outcome.error
     positions = {sid: rank for rank, sid in enumerate(sorted(first_start, key=first_start.__getitem__))}

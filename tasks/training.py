@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelSpec, build_model
+from models.spec import ARCHITECTURES
 from tasks.series import Windows, make_windows
 from tasks.storage import (
     checkpoint_iterations,
@@ -45,7 +47,7 @@ class NetworkOutcome:
     """What one iteration task did for one network."""
 
     series_id: str
-    status: str  # "trained" or "failed"
+    status: str  # "trained", "stopped" (early stopping: trains no more) or "failed"
     iteration: int  # newest iteration with a checkpoint after this task
     train_loss: float | None = None
     val_loss: float | None = None
@@ -53,7 +55,7 @@ class NetworkOutcome:
     seconds: float = 0.0  # training time spent on this network in this task
     checkpoint: str | None = None
     skipped: bool = False  # the iteration was already checkpointed: nothing was trained
-    error: str | None = None
+    error: str | None = None  # why it failed, or why it stopped early
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,24 +88,81 @@ def network_seed(base_seed: int, series_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def fit_epochs(model, optimizer, x, y, epochs: int, batch_size: int, generator: torch.Generator) -> float:
-    """Train `epochs` passes of shuffled mini-batches; return the last epoch's mean loss."""
-    model.train()
+@dataclass
+class Progress:
+    """What a network carries between epochs and iterations besides its weights (kept in checkpoint metrics)."""
+
+    epochs_trained: int = 0
+    best_val_loss: float = math.inf
+    epochs_since_best: int = 0
+    stopped: bool = False
+
+    @classmethod
+    def from_metrics(cls, metrics: dict | None, spec: ModelSpec, done: int) -> "Progress":
+        """Resume from a checkpoint's metrics (checkpoints older than these fields: full epochs, no best)."""
+        if not metrics:
+            return cls()
+        return cls(
+            int(metrics.get("epochs_trained", done * spec.epochs_per_iteration)),
+            float(metrics.get("best_val_loss", math.inf)), int(metrics.get("epochs_since_best", 0)),
+            bool(metrics.get("stopped", False)),
+        )  # fmt: skip
+
+    def as_metrics(self) -> dict:
+        return {"epochs_trained": self.epochs_trained, "best_val_loss": self.best_val_loss,
+                "epochs_since_best": self.epochs_since_best, "stopped": self.stopped}  # fmt: skip
+
+    def after_epoch(self, val_loss: float | None, spec: ModelSpec) -> None:
+        """Count an epoch; with early stopping on, judge its validation loss and maybe stop."""
+        self.epochs_trained += 1
+        if spec.early_stopping_patience is None or val_loss is None:
+            return
+        if val_loss < self.best_val_loss - spec.early_stopping_min_delta:
+            self.best_val_loss, self.epochs_since_best = val_loss, 0
+        else:
+            self.epochs_since_best += 1
+            self.stopped = self.epochs_since_best >= spec.early_stopping_patience
+
+
+def stop_reason(spec: ModelSpec, progress: Progress) -> str:
+    """Why an early-stopped network stopped, for the results table."""
+    return (f"stopped early after {progress.epochs_trained} epochs: validation loss did not improve on "
+            f"{progress.best_val_loss:.4g} for {spec.early_stopping_patience} epochs")  # fmt: skip
+
+
+def fit_epochs(
+    model, optimizer, x, y, spec: ModelSpec, generator: torch.Generator, progress: Progress, x_val=None, y_val=None
+) -> float:
+    """Train up to spec.epochs_per_iteration passes of shuffled mini-batches; return the last epoch's mean loss.
+
+    Each epoch runs at the network's scheduled learning rate, clips its gradient when the spec
+    says so, and, with early stopping on, ends the iteration early once `progress` says stop
+    (x_val/y_val are then required). `progress` is updated in place.
+    """
     n = x.shape[0]
-    for _ in range(epochs):
+    for _ in range(spec.epochs_per_iteration):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = spec.learning_rate_at(progress.epochs_trained)
         order = torch.randperm(n, generator=generator).to(x.device)
         # Summed on the device and read once per epoch: no host sync per step.
         total = torch.zeros((), device=x.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+        for start in range(0, n, spec.batch_size):
+            idx = order[start : start + spec.batch_size]
             loss = F.mse_loss(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if spec.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             optimizer.step()
             total += loss.detach() * idx.numel()
         mean = float(total) / n
-        if not torch.isfinite(torch.tensor(mean)):
+        if not math.isfinite(mean):
             raise NonFiniteLoss(f"training loss became {mean}")
+        watching = spec.early_stopping_patience is not None
+        progress.after_epoch(evaluate(model, x_val, y_val) if watching else None, spec)
+        if progress.stopped:
+            break
     return mean
 
 
@@ -132,11 +191,14 @@ def train_network_iteration(
             f"checkpoint in {folder} was trained with another model spec ({state['spec']} != "
             f"{spec.fingerprint()}); use a new output_dir or delete the old run"
         )
-    if done >= iteration:
+    progress = Progress.from_metrics(state["metrics"] if state else None, spec, done)
+    if done >= iteration or progress.stopped:
         metrics = state["metrics"]
+        stopped = progress.stopped
         return NetworkOutcome(
-            series_id, "trained", done, metrics["train_loss"], metrics["val_loss"],
+            series_id, "stopped" if stopped else "trained", done, metrics["train_loss"], metrics["val_loss"],
             metrics["train_windows"], 0.0, str(checkpoint_path(folder, done)), skipped=True, notes=problems,
+            error=stop_reason(spec, progress) if stopped else None,
         )  # fmt: skip
 
     started = time.perf_counter()
@@ -156,16 +218,18 @@ def train_network_iteration(
         journal_event(folder, "start", step, worker)
         rows = spec.training_rows(x_all.shape[0], step)
         x_train, y_train = x_all[:rows], y_all[:rows]
-        train_loss = fit_epochs(
-            model, optimizer, x_train, y_train, spec.epochs_per_iteration, spec.batch_size, generator
-        )
+        train_loss = fit_epochs(model, optimizer, x_train, y_train, spec, generator, progress, x_val, y_val)
         val_loss = evaluate(model, x_val, y_val)
-        metrics = {"train_loss": train_loss, "val_loss": val_loss, "train_windows": int(x_train.shape[0])}
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, "train_windows": int(x_train.shape[0]),
+                   **progress.as_metrics()}  # fmt: skip
         save_iteration(folder, step, spec, model.state_dict(), optimizer.state_dict(), generator, metrics,
                        windows, worker)  # fmt: skip
+        if progress.stopped:
+            break
     return NetworkOutcome(
-        series_id, "trained", iteration, train_loss, val_loss, int(x_train.shape[0]),
-        time.perf_counter() - started, str(checkpoint_path(folder, iteration)), notes=problems,
+        series_id, "stopped" if progress.stopped else "trained", step, train_loss, val_loss, int(x_train.shape[0]),
+        time.perf_counter() - started, str(checkpoint_path(folder, step)), notes=problems,
+        error=stop_reason(spec, progress) if progress.stopped else None,
     )  # fmt: skip
 
 
@@ -176,12 +240,13 @@ def warm_up(device: str = "cpu") -> None:
     would be charged to whichever network happens to come first.
     """
     generator = torch.Generator().manual_seed(0)
-    for architecture in ("mlp", "lstm"):
-        spec = ModelSpec(architecture=architecture, hidden=4, layers=1, window=4, horizon=2, batch_size=4)
+    for architecture in ARCHITECTURES:
+        spec = ModelSpec(architecture=architecture, hidden=4, layers=1, heads=1, window=4, horizon=2, batch_size=4,
+                         epochs_per_iteration=1)  # fmt: skip
         model = build_model(spec, generator).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
         x, y = torch.randn(8, 4, device=device), torch.randn(8, 2, device=device)
-        fit_epochs(model, optimizer, x, y, 1, spec.batch_size, generator)
+        fit_epochs(model, optimizer, x, y, spec, generator, Progress())
         evaluate(model, x, y)
 
 

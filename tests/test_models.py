@@ -3,16 +3,18 @@ import torch
 from pydantic import ValidationError
 
 from models import ModelSpec, build_model
+from models.spec import ARCHITECTURES
+from models.stacked import StackedAdam, stack
 
 
-@pytest.mark.parametrize("architecture", ["mlp", "lstm"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_forecasters_map_a_window_to_the_horizon(architecture):
     spec = ModelSpec(architecture=architecture, window=12, horizon=3, hidden=8, layers=2)
     model = build_model(spec, torch.Generator().manual_seed(0))
     assert model(torch.randn(5, 12)).shape == (5, 3)
 
 
-@pytest.mark.parametrize("architecture", ["mlp", "lstm"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_weights_are_a_function_of_the_generator_seed_only(architecture):
     spec = ModelSpec(architecture=architecture)
     torch.manual_seed(123)  # the global RNG must not matter
@@ -50,3 +52,50 @@ def test_expanding_window_grows_linearly_then_uses_everything():
     assert spec.training_rows(3, 1) == 1  # never zero windows
     assert ModelSpec().training_rows(100, 1) == 100
     assert ModelSpec(window=8, horizon=2, holdout_fraction=0.1).train_windows(100) == 100 - 10 - 8 - 2 + 1
+
+
+def test_a_transformer_needs_heads_that_divide_its_width():
+    with pytest.raises(ValidationError, match="multiple of heads"):
+        ModelSpec(architecture="transformer", hidden=10, heads=4)
+    assert ModelSpec(architecture="transformer", hidden=12, heads=4).heads == 4
+
+
+def test_fields_added_later_leave_old_fingerprints_alone_until_used():
+    # Values computed before heads/grad_clip/lr_decay/early stopping existed: old runs must resume.
+    assert ModelSpec().fingerprint() == "85486a256f3914db"
+    assert ModelSpec(architecture="lstm", hidden=8).fingerprint() == "7933c5fd9d655b4a"
+    assert ModelSpec(grad_clip=1.0).fingerprint() != ModelSpec().fingerprint()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_stacked_networks_compute_each_network_exactly_as_alone(architecture):
+    spec = ModelSpec(architecture=architecture, hidden=8, layers=2, heads=2, window=10, horizon=3)
+    networks = [build_model(spec, torch.Generator().manual_seed(k)) for k in range(4)]
+    stacked = stack(architecture, networks)
+    x = torch.randn(4, 6, 10)
+    out = stacked(x)
+    torch.testing.assert_close(stacked(x[:3], 3), out[:3])  # a prefix of the networks alone
+    out.pow(2).sum().backward()
+    for k, network in enumerate(networks):
+        torch.testing.assert_close(out[k], network(x[k]), rtol=1e-5, atol=1e-6)
+        network(x[k]).pow(2).sum().backward()
+        grads = {name: p.grad for name, p in network.named_parameters()}
+        for index, (key, param) in enumerate(zip(stacked.keys, stacked.params)):
+            torch.testing.assert_close(stacked.to_single(param.grad, index, k), grads[key], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(v, network.state_dict()[key]) for key, v in stacked.state_dict_of(k).items())
+
+
+def test_stacked_clipping_scales_each_network_by_its_own_norm():
+    spec = ModelSpec(hidden=8, layers=1, window=6, horizon=2)
+    networks = [build_model(spec, torch.Generator().manual_seed(k)) for k in range(3)]
+    stacked = stack("mlp", networks)
+    x = torch.randn(3, 5, 6) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)  # tiny, medium, huge gradients
+    stacked(x).pow(2).sum().backward()
+    optimizer = StackedAdam(stacked.parameters(), lr=1e-3)
+    optimizer.clip_grad_norm(0.5, 3)
+    for k, network in enumerate(networks):
+        network(x[k]).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 0.5)
+        grads = {name: p.grad for name, p in network.named_parameters()}
+        for index, (key, param) in enumerate(zip(stacked.keys, stacked.params)):
+            torch.testing.assert_close(stacked.to_single(param.grad, index, k), grads[key], rtol=1e-4, atol=1e-6)
