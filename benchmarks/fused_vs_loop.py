@@ -1,16 +1,19 @@
-"""Fused vs one-by-one vs a plain loop: seconds to train N networks one iteration (issue #5, MLP so far).
+"""Fused vs one-by-one vs a plain loop: seconds to train N networks one iteration, per architecture (issue #5).
 
-Three ways, in one process and one thread, on the first N bundled series (default spec: MLP 32x2,
-window 32, horizon 8, batch 128, 5 epochs):
-  - plain loop: what a user writes (fresh nn.Sequential + Adam per series, shuffled mini-batches,
+Three ways, in one process and one thread, on the first N bundled series (default spec: 32 wide,
+2 layers, window 32, horizon 8, batch 128; 5 epochs for the MLP, 1 for the slower architectures):
+  - plain loop: what a user writes (a fresh model + Adam per series, shuffled mini-batches,
     evaluation), no checkpoints;
   - engine one-by-one: tasks.training.train_shard_iteration(strategy="one_by_one"), checkpoints included;
   - engine fused: the same with strategy="fused" (all N networks in one shard), checkpoints included.
 With --short, instead: the short-series fleet (3000 series of 20-150 points, window 8, horizon 2),
 timed end to end: `train_many` from call to results (Prefect, a LocalCluster of 2 workers, staging,
 checkpoints and reports included; strategy fused) against the plain loop, at 10 and 100 epochs.
+Achieved FLOP/s counts 3 x the forward multiply-adds x 2 per training sample (forward + backward)
+and is set against the peak of a float32 batched matmul measured in the same run.
 Prints a table and writes benchmarks/results/fused_vs_loop.json (or fused_short_series.json).
-Run: `python -m benchmarks.fused_vs_loop [--sizes 64 256 1660] [--epochs E] [--short]`.
+Run: `python -m benchmarks.fused_vs_loop [--architectures mlp lstm gru transformer] [--sizes 64 256 1660]
+[--epochs 5] [--other-epochs 1] [--short]`.
 """
 
 from __future__ import annotations
@@ -29,11 +32,23 @@ from torch import nn
 
 from data import BUNDLED_SERIES
 from models import ModelSpec
+from models.forecasters import GRUForecaster, LSTMForecaster, TransformerForecaster
+from models.stacked import peak_flops
+from tasks.cost_model import macs_per_window
 from tasks.series import load_table, make_windows, validate_table
 from tasks.storage import stage_values
 from tasks.training import train_shard_iteration, warm_up
 
 RESULTS = Path(__file__).with_name("results")
+
+
+def user_model(spec: ModelSpec) -> nn.Module:
+    """The model a user would write for `spec`, built with PyTorch's default initialisation."""
+    if spec.architecture == "mlp":
+        return nn.Sequential(nn.Linear(spec.window, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, spec.hidden),
+                             nn.ReLU(), nn.Linear(spec.hidden, spec.horizon))  # fmt: skip
+    # The same modules a user would write (nn.LSTM / nn.GRU / nn.TransformerEncoder plus a head).
+    return {"lstm": LSTMForecaster, "gru": GRUForecaster, "transformer": TransformerForecaster}[spec.architecture](spec)
 
 
 def plain_loop(series, spec: ModelSpec) -> float:
@@ -42,8 +57,7 @@ def plain_loop(series, spec: ModelSpec) -> float:
     for item in series:
         w = make_windows(item.values, spec)
         x, y = torch.tensor(w.x_train), torch.tensor(w.y_train)
-        model = nn.Sequential(nn.Linear(spec.window, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, spec.hidden),
-                              nn.ReLU(), nn.Linear(spec.hidden, spec.horizon))  # fmt: skip
+        model = user_model(spec)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
         for _ in range(spec.epochs_per_iteration):
             order = torch.randperm(len(x))
@@ -108,46 +122,58 @@ def short_series(epoch_counts: list[int], n_series: int, shard_size: int) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architectures", nargs="+", default=["mlp", "lstm", "gru", "transformer"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1660])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5, help="epochs for the MLP")
+    parser.add_argument("--other-epochs", type=int, default=1, help="epochs for LSTM, GRU and transformer")
     parser.add_argument("--short", action="store_true", help="the short-series fleet, end to end")
     parser.add_argument("--short-series", type=int, default=3000)
     parser.add_argument("--short-epochs", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--shard-size", type=int, default=250, help="with --short: networks per task")
+    parser.add_argument("--output", default="fused_vs_loop.json", help="file name under benchmarks/results")
     args = parser.parse_args(argv)
     if args.short:
         short_series(args.short_epochs, args.short_series, args.shard_size)
         return
     torch.set_num_threads(1)  # as on a Dask worker: parallelism comes from workers, not threads
-    spec = ModelSpec(epochs_per_iteration=args.epochs)
     table = load_table(BUNDLED_SERIES)
-    valid, _ = validate_table(table, spec)
     warm_up()
+    peak = peak_flops()
+    print(f"float32 bmm peak, 1 thread: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
-    for n in args.sizes:
-        series = valid[:n]
-        windows = sum(len(make_windows(s.values, spec).x_train) for s in series) * args.epochs
-        loop = plain_loop(series, spec)
-        one_by_one = engine(series, spec, "one_by_one")
-        fused = engine(series, spec, "fused")
-        rows.append({"networks": n, "samples": windows, "plain_loop_s": loop, "one_by_one_s": one_by_one,
-                     "fused_s": fused, "fused_samples_per_s": windows / fused, "fused_speedup_vs_loop": loop / fused,
-                     "one_by_one_speedup_vs_loop": loop / one_by_one})  # fmt: skip
-        print(rows[-1], flush=True)
-    view = Table(title=f"MLP, {args.epochs} epochs, 1 thread: seconds for one iteration of N networks")
-    for column in ("networks", "samples", "plain loop s", "one-by-one s", "fused s", "fused samples/s",
-                   "fused vs loop", "one-by-one vs loop"):  # fmt: skip
+    for architecture in args.architectures:
+        epochs = args.epochs if architecture == "mlp" else args.other_epochs
+        spec = ModelSpec(architecture=architecture, epochs_per_iteration=epochs)
+        valid, _ = validate_table(table, spec)
+        for n in args.sizes:
+            series = valid[:n]
+            samples = sum(len(make_windows(s.values, spec).x_train) for s in series) * epochs
+            flop = 3 * 2 * macs_per_window(spec) * samples
+            loop = plain_loop(series, spec)
+            one_by_one = engine(series, spec, "one_by_one")
+            fused = engine(series, spec, "fused")
+            rows.append({"architecture": architecture, "epochs": epochs, "networks": n, "samples": samples,
+                         "plain_loop_s": loop, "one_by_one_s": one_by_one, "fused_s": fused,
+                         "fused_samples_per_s": samples / fused, "fused_speedup_vs_loop": loop / fused,
+                         "one_by_one_speedup_vs_loop": loop / one_by_one, "fused_gflops": flop / fused / 1e9,
+                         "loop_gflops": flop / loop / 1e9, "fused_share_of_peak": flop / fused / peak})  # fmt: skip
+            print(rows[-1], flush=True)
+    view = Table(title="One iteration of N networks, 1 thread: seconds, throughput, speedup over the plain loop")
+    for column in ("arch", "epochs", "networks", "samples", "plain loop s", "one-by-one s", "fused s",
+                   "fused samples/s", "fused vs loop", "one-by-one vs loop", "fused GFLOP/s", "of bmm peak"):  # fmt: skip
         view.add_column(column, justify="right")
     for r in rows:
-        view.add_row(str(r["networks"]), str(r["samples"]), f"{r['plain_loop_s']:.1f}", f"{r['one_by_one_s']:.1f}",
-                     f"{r['fused_s']:.1f}", f"{r['fused_samples_per_s']:.0f}", f"{r['fused_speedup_vs_loop']:.2f}x",
-                     f"{r['one_by_one_speedup_vs_loop']:.2f}x")  # fmt: skip
-    Console(width=140).print(view)
+        view.add_row(r["architecture"], str(r["epochs"]), str(r["networks"]), str(r["samples"]),
+                     f"{r['plain_loop_s']:.1f}", f"{r['one_by_one_s']:.1f}", f"{r['fused_s']:.1f}",
+                     f"{r['fused_samples_per_s']:.0f}", f"{r['fused_speedup_vs_loop']:.2f}x",
+                     f"{r['one_by_one_speedup_vs_loop']:.2f}x", f"{r['fused_gflops']:.2f}",
+                     f"{100 * r['fused_share_of_peak']:.1f}%")  # fmt: skip
+    Console(width=170).print(view)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fused_vs_loop.json").write_text(json.dumps(
-        {"benchmark": "fused_vs_loop", "architecture": "mlp", "epochs": args.epochs,
+    (RESULTS / args.output).write_text(json.dumps(
+        {"benchmark": "fused_vs_loop", "peak_bmm_gflops": peak / 1e9, "threads": 1,
          "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))  # fmt: skip
-    print(f"wrote {RESULTS / 'fused_vs_loop.json'}")
+    print(f"wrote {RESULTS / args.output}")
 
 
 if __name__ == "__main__":

@@ -54,20 +54,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--cluster-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--n-workers", type=int, default=None, help="LocalCluster workers (default: one per core)")
-    parser.add_argument("--strategy", default="one_by_one", choices=STRATEGIES,
-                        help="train a shard's networks one after another, or together (MLP)")
+    parser.add_argument("--strategy", default="auto", choices=("auto",) + STRATEGIES,
+                        help="train a shard's networks one after another, together, or whichever the cost "
+                             "model predicts is faster (auto)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU worker), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: forward passes under bfloat16 autocast (for GPUs)")
+    parser.add_argument("--early-stopping-patience", type=int, default=None,
+                        help="stop a network after this many epochs without validation improvement")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = train_many(
         args.data,
         model={"architecture": args.architecture, "epochs_per_iteration": args.epochs_per_iteration,
-               "expanding_window": args.expanding_window},
+               "expanding_window": args.expanding_window, "precision": args.precision,
+               "early_stopping_patience": args.early_stopping_patience},
         iterations=args.iterations,
         shard_size=args.shard_size,
         output_dir=args.output_dir,
         cluster_address=args.cluster_address,
         n_workers=args.n_workers,
         strategy=args.strategy,
+        device=args.device,
         priorities=args.priorities,
     )
     Console().print(summary_table(results, time.perf_counter() - started, args.output_dir))

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import distributed
+import torch
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
@@ -40,32 +41,66 @@ def check_scheduler(address: str, timeout: float = 10.0) -> int:
         ) from exc
 
 
-def local_worker_count(n_workers: int | None) -> int:
-    """Workers for a LocalCluster: one per core unless told otherwise."""
+def gpu_worker_count(address: str, timeout: float = 10.0) -> int:
+    """How many workers of the scheduler at `address` declare a `GPU` resource."""
+    with distributed.Client(address, timeout=timeout) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        return sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) > 0)
+
+
+def resolve_device(device: str, cluster_address: str | None) -> str:
+    """The device `device` means: 'auto' is 'cuda' where the cluster can run CUDA work, else 'cpu'.
+
+    A local cluster can when this machine has CUDA; an existing one when a worker declares a
+    `GPU` resource (`dask worker ... --resources GPU=1`, or dask-cuda's workers given one). An
+    explicit 'cuda' on an existing cluster without such a worker is refused: its tasks, which
+    ask for that resource, would wait forever.
+    """
+    if device == "auto":
+        if cluster_address:
+            return "cuda" if gpu_worker_count(cluster_address) else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and cluster_address and not gpu_worker_count(cluster_address):
+        raise ValueError(
+            f"device={device!r} but no worker of the Dask cluster at {cluster_address!r} declares a GPU "
+            "resource; start GPU workers with `--resources GPU=1` (one per GPU), or use device='auto' or 'cpu'"
+        )
+    if device.startswith("cuda") and not cluster_address and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this machine has no CUDA device; use device='auto' or 'cpu'")
+    return device
+
+
+def local_worker_count(n_workers: int | None, device: str = "cpu") -> int:
+    """Workers for a LocalCluster: one per core, or one per GPU for CUDA work, unless told otherwise."""
     if n_workers is None:
+        if device.startswith("cuda"):
+            return max(1, torch.cuda.device_count())
         return max(1, os.cpu_count() or 1)
     if not isinstance(n_workers, int) or n_workers < 1:
         raise ValueError(f"n_workers must be an integer >= 1 or None (one per core); got {n_workers!r}")
     return n_workers
 
 
-def make_task_runner(cluster_address: str | None, n_workers: int | None = None) -> DaskTaskRunner:
+def make_task_runner(
+    cluster_address: str | None, n_workers: int | None = None, device: str = "cpu"
+) -> DaskTaskRunner:  # fmt: skip
     """A DaskTaskRunner on the scheduler at `cluster_address`, or on a fresh LocalCluster.
 
     The LocalCluster has one single-threaded worker process per core: the networks are small, so
-    parallelism comes from running many at once, not from threads inside one.
+    parallelism comes from running many at once, not from threads inside one. For CUDA work it
+    has one worker per GPU, each declaring the `GPU` resource the tasks ask for.
     """
     if cluster_address:
         return DaskTaskRunner(address=cluster_address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": local_worker_count(n_workers),
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": ":0",
-        },
-    )
+    kwargs = {
+        "n_workers": local_worker_count(n_workers, device),
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": ":0",
+    }
+    if device.startswith("cuda"):
+        kwargs["resources"] = {"GPU": 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from tasks.prefect_tasks import calibrate_task, probe_task, train_shard_iteratio
 from tasks.shards import (
     NetworkLoad,
     ShardPlan,
+    choose_strategies,
     forecast,
     group_by_spec,
     plan_auto_shards,
@@ -56,17 +57,24 @@ def _measure_overhead() -> float:
     return statistics.median(trips)
 
 
-def _cost_model(loads: list[NetworkLoad], strategy: str, device: str, output_dir: str, logger) -> CostModel:
-    """The run's cost model: fitted on this output dir's history, calibrated on a worker where it has none."""
+def _cost_model(
+    loads: list[NetworkLoad], strategies: tuple[str, ...], device: str, output_dir: str, logger
+) -> CostModel:  # fmt: skip
+    """The run's cost model: fitted on this output dir's history, calibrated on a worker where it has none.
+
+    Every (architecture, strategy) the run may use is covered: both strategies when it is to
+    choose between them. Calibrations run as parallel tasks.
+    """
     history = load_history(output_dir)
     model = CostModel.from_history(history) if history is not None and len(history) else CostModel()
     pending = {}
     for spec, members in group_by_spec(loads).items():
-        key = (spec.architecture, effective_strategy(spec, strategy), device_kind(device))
-        if model.knows(key):
-            continue
-        windows = [m.train_windows for m in members]
-        pending[key] = calibrate_task.submit(spec, strategy, device, min(windows), max(windows))
+        for strategy in strategies:
+            key = (spec.architecture, effective_strategy(spec, strategy), device_kind(device))
+            if model.knows(key) or key in pending:
+                continue
+            windows = [m.train_windows for m in members]
+            pending[key] = calibrate_task.submit(spec, key[1], device, min(windows), max(windows))
     for key, future in pending.items():
         observations = future.result()
         model.prior.update(prior_from(observations))
@@ -78,7 +86,7 @@ def _cost_model(loads: list[NetworkLoad], strategy: str, device: str, output_dir
 @flow(name="train-shards", flow_run_name="train-{iterations}-iterations-of-{output_dir}")
 def train_shards(
     train_windows: dict[str, int], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu",
-    progress_bar: bool = True, strategy: str = "one_by_one", shard_size: int | str = "auto",
+    progress_bar: bool = True, strategy: str = "auto", shard_size: int | str = "auto",
     priorities: bool = True, architectures: dict[str, str] | None = None,
 ) -> tuple[list[IterationResult], dict[str, str], dict]:  # fmt: skip
     """Train `iterations` iterations of every network; return task results, failures and the plan.
@@ -91,7 +99,8 @@ def train_shards(
     each submission, so a fast shard never waits for a slow one and only networks that trained go
     on. A shard that runs out of memory, or whose task Dask gives up on (KilledWorker), is halved
     and the halves retried at the same iteration. A task that still fails after Prefect's retries
-    ends its shard's chain; the other chains go on.
+    ends its shard's chain; the other chains go on. `strategy="auto"` picks fused or one-by-one
+    per architecture by the cost model's predicted makespan of each (tasks.shards.choose_strategies).
     """
     logger = get_run_logger()
     client = FlowRunContext.get().task_runner.client
@@ -103,9 +112,18 @@ def train_shards(
     loads = {sid: NetworkLoad(sid, specs.get(architectures.get(sid), spec), rows) for sid, rows in train_windows.items()}
     workers = _cluster_threads(client)
     planned = shard_size == "auto"
-    uses_model = planned or priorities
-    model = _cost_model(list(loads.values()), strategy, device, output_dir, logger) if uses_model else CostModel()
+    choosing = strategy == "auto"
+    uses_model = planned or priorities or choosing
+    candidates = ("one_by_one", "fused") if choosing else (strategy,)
+    model = _cost_model(list(loads.values()), candidates, device, output_dir, logger) if uses_model else CostModel()
     overhead = _measure_overhead() if uses_model else 0.0
+    choices = {}
+    if choosing:
+        choices = choose_strategies(list(loads.values()), iterations, workers, model, overhead, device)
+        strategy = {architecture: choice["strategy"] for architecture, choice in choices.items()}
+        for architecture, choice in choices.items():
+            logger.info("strategy for %s: %s (predicted makespan %s)", architecture, choice["strategy"],
+                        ", ".join(f"{k} {v:.1f}s" for k, v in choice["predicted_makespan"].items()))  # fmt: skip
     if planned:
         shards, summary = plan_auto_shards(list(loads.values()), iterations, workers, model, overhead, strategy, device)
         logger.info("planned %d shards for %d workers: predicted makespan %.1fs (lower bound %.1fs), "
@@ -118,7 +136,9 @@ def train_shards(
             shards += plan_fixed_shards([m.series_id for m in members], shard_size, group_spec, len(shards))
     plan = {"workers": workers, "shards": len(shards), "planned": planned, "priorities": priorities,
             "probe_overhead_seconds": overhead,
-            "predicted_makespan": summary.predicted_makespan if planned else None}  # fmt: skip
+            "predicted_makespan": summary.predicted_makespan if planned else None,
+            "strategies": {s.architecture: effective_strategy(s, strategy) for s in group_by_spec(list(loads.values()))},
+            "strategy_predictions": {a: c["predicted_makespan"] for a, c in choices.items()}}  # fmt: skip
 
     progress = RunProgress(len(loads), iterations, show_bar=progress_bar)
     in_flight: dict[distributed.Future, tuple[ShardPlan, int, object, dict]] = {}
@@ -128,9 +148,13 @@ def train_shards(
         members = [loads[sid] for sid in shard.series_ids]
         predicted, priority = forecast(members, iteration, iterations, model, overhead, strategy, device)
         annotations = {"priority": priority} if priorities and priority is not None else {}
+        if device.startswith("cuda"):
+            annotations["resources"] = {"GPU": 1}  # only workers that declare a GPU take CUDA work
+        shard_spec = shard.spec or spec
         with dask.annotate(**annotations):
             future = train_shard_iteration_task.submit(
-                shard.shard_id, list(shard.series_ids), shard.spec or spec, iteration, output_dir, device, strategy,
+                shard.shard_id, list(shard.series_ids), shard_spec, iteration, output_dir, device,
+                effective_strategy(shard_spec, strategy),
                 wait_for=[after] if after is not None else None,
             )  # fmt: skip
         asked = {"submitted": time.time(), "predicted_seconds": predicted,

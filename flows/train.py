@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from pydantic import WithJsonSchema
 
 from data import BUNDLED_SERIES
-from flows.cluster import check_scheduler, make_task_runner, workers_report_to_this_api
+from flows.cluster import check_scheduler, make_task_runner, resolve_device, workers_report_to_this_api
 from flows.shard_chains import train_shards
 from models import ModelSpec
 from models.spec import ARCHITECTURES
@@ -35,8 +35,8 @@ def _check_flag(name: str, value) -> None:
 def _check_parameters(iterations: int, device: str) -> None:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1 (blocks of epochs per network); got {iterations!r}")
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
 
 
 # The UI shows `data` as a path; Python callers may also pass a DataFrame.
@@ -59,9 +59,9 @@ def train_many(
     output_dir: str = DEFAULT_OUTPUT_DIR,
     cluster_address: str | None = None,
     n_workers: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     progress_bar: bool = True,
-    strategy: Literal["one_by_one", "fused"] = "one_by_one",
+    strategy: Literal["auto", "one_by_one", "fused"] = "auto",
     priorities: bool = True,
 ) -> pd.DataFrame:
     """Train one network per series of a long table (series_id, timestamp, value).
@@ -80,14 +80,15 @@ def train_many(
         output_dir: Where checkpoints and results go; the same folder resumes a run.
         cluster_address: Address of an existing Dask scheduler (tcp://host:8786); empty for a local cluster.
         n_workers: Workers of the local cluster; empty for one per core.
-        device: 'cpu', 'cuda' or 'cuda:N'.
+        device: 'auto' (CUDA where the cluster has a GPU worker, else CPU), 'cpu', 'cuda' or 'cuda:N'.
         progress_bar: Show a progress bar in the terminal.
-        strategy: 'fused' trains a shard's networks together as one computation (MLP; others fall
-            back to one by one); 'one_by_one' trains them one after another.
+        strategy: 'auto' picks, per architecture, whichever of the two the cost model (calibrated on
+            a worker, or earlier runs' timings) predicts finishes first; 'fused' trains a shard's
+            networks together as one computation; 'one_by_one' trains them one after another.
         priorities: Give each task the Dask priority of its shard's predicted remaining work, so the
             longest chains start first; off, Dask runs tasks in the order they are submitted.
 
-    The data may carry an optional column `architecture` (mlp or lstm) giving a series an
+    The data may carry an optional column `architecture` (mlp, lstm, gru or transformer) giving a series an
     architecture other than `model`'s; everything else of `model` applies to all.
     """
     logger = get_run_logger()
@@ -101,6 +102,8 @@ def train_many(
     if cluster_address:
         workers = check_scheduler(cluster_address)
         logger.info("Dask scheduler at %s has %d worker(s)", cluster_address, workers)
+    device = resolve_device(device, cluster_address)
+    logger.info("training on %s", device)
     claim_run_dir(out, spec.model_dump(), spec.fingerprint())
 
     valid, invalid = validate_series_task(table, spec)
@@ -112,7 +115,7 @@ def train_many(
 
     iteration_results, failures, plan = [], {}, {}
     if valid:
-        runner = make_task_runner(cluster_address, n_workers)
+        runner = make_task_runner(cluster_address, n_workers, device)
         with workers_report_to_this_api():
             iteration_results, failures, plan = train_shards.with_options(task_runner=runner)(
                 train_windows, spec, iterations, str(out), device, progress_bar, strategy, shard_size, priorities,

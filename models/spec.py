@@ -7,12 +7,15 @@ import json
 import math
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ARCHITECTURES = ("mlp", "lstm", "gru", "transformer")
 # Fields added after checkpoints existed: left out of the fingerprint while at their defaults, so a
 # run trained before they existed still resumes.
-_LATER_FIELDS = ("heads", "grad_clip", "lr_decay", "early_stopping_patience", "early_stopping_min_delta")
+_LATER_FIELDS = (
+    "heads", "grad_clip", "lr_decay", "early_stopping_patience", "early_stopping_min_delta", "precision",
+)  # fmt: skip
 
 
 class ModelSpec(BaseModel):
@@ -60,12 +63,21 @@ class ModelSpec(BaseModel):
         "more than early_stopping_min_delta; it keeps its weights and skips later iterations (None: off).",
     )  # fmt: skip
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="'bf16' runs forward passes under bfloat16 autocast (meant for GPUs; weights, Adam "
+        "state and losses stay float32); 'fp32' runs everything in float32.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelSpec":
         if self.architecture == "transformer" and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) for a transformer")
         return self
+
+    def autocast(self, device: torch.device | str):
+        """The autocast context a forward pass of this spec runs under on `device` (a no-op for fp32)."""
+        device_type = torch.device(device).type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def learning_rate_at(self, epochs_done: int) -> float:
         """The learning rate of a network's next epoch after it has trained `epochs_done` epochs."""

@@ -18,7 +18,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,8 +50,14 @@ class TaskWork:
         return np.array([1.0, self.networks, self.sample_work, self.steps])
 
 
-def effective_strategy(spec: ModelSpec, strategy: str) -> str:
-    """The strategy a shard of `spec` networks really runs under `strategy`."""
+def effective_strategy(spec: ModelSpec, strategy: str | Mapping[str, str]) -> str:
+    """The strategy a shard of `spec` networks really runs under `strategy`.
+
+    `strategy` is one strategy for every architecture or a mapping architecture -> strategy (what
+    the automatic choice resolves to; an architecture it does not name trains one by one).
+    """
+    if isinstance(strategy, Mapping):
+        strategy = strategy.get(spec.architecture, "one_by_one")
     return "fused" if strategy == "fused" and spec.architecture in FUSABLE else "one_by_one"
 
 

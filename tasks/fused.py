@@ -19,7 +19,7 @@ from models import ModelSpec, build_model
 from models.spec import ARCHITECTURES
 from models.stacked import StackedAdam, StackedNetworks, stack
 from tasks.series import Windows, for_iteration, make_windows
-from tasks.storage import checkpoint_path, journal_event, network_dir, read_values
+from tasks.storage import checkpoint_path, journal_event, journal_recovered_done, network_dir, read_values
 
 if TYPE_CHECKING:
     from tasks.training import Progress
@@ -145,7 +145,9 @@ def train_fused_iteration(
     def validation_losses() -> torch.Tensor:
         stacked.eval()
         with torch.no_grad():
-            return _masked_mse(stacked(x_val[val_idx]), y_val[val_idx], val_real).cpu()
+            with spec.autocast(device):
+                prediction = stacked(x_val[val_idx])
+            return _masked_mse(prediction.float(), y_val[val_idx], val_real).cpu()
 
     for _ in range(spec.epochs_per_iteration):
         if not active.any():
@@ -165,7 +167,9 @@ def train_fused_iteration(
             upto = int((counts > s * batch).sum())
             window = slice(s * batch, (s + 1) * batch)
             idx, real = order[:upto, window], in_epoch[:upto, window]
-            losses = _masked_mse(stacked(x_train[idx], upto), y_train[idx], real)
+            with spec.autocast(device):
+                prediction = stacked(x_train[idx], upto)
+            losses = _masked_mse(prediction.float(), y_train[idx], real)
             optimizer.zero_grad()
             losses.sum().backward()
             if spec.grad_clip is not None:
@@ -221,6 +225,8 @@ def train_fusable_part(
         done, state, problems = latest_valid_checkpoint(folder, below=iteration + 1)
         if done != iteration - 1 or (state is not None and state["spec"] != spec.fingerprint()):
             continue
+        if state is not None:
+            journal_recovered_done(folder, done)
         if state is not None and state["metrics"].get("stopped"):
             continue  # stopped early: the one-by-one path reports it without training
         try:

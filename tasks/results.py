@@ -20,7 +20,7 @@ RESULT_COLUMNS = [
 
 
 TASK_COLUMNS = [
-    "shard_id", "iteration", "worker", "submitted", "started", "finished", "wall_seconds", "predicted_seconds",
+    "shard_id", "iteration", "strategy", "worker", "submitted", "started", "finished", "wall_seconds", "predicted_seconds",
     "error_percent", "priority", "dask_priority", "networks", "trained", "skipped", "failed",
 ]  # fmt: skip
 
@@ -36,6 +36,7 @@ def tasks_table(results: list[IterationResult]) -> pd.DataFrame:
         {
             "shard_id": r.shard_id,
             "iteration": r.iteration,
+            "strategy": r.strategy,
             "worker": r.worker,
             "submitted": r.submitted,
             "started": r.started,

@@ -7,6 +7,7 @@ number of shards chosen by simulating each candidate plan on the cluster's worke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +183,29 @@ def plan_auto_shards(
     summary = PlanSummary(chosen["shards"], chosen["predicted_makespan"], chosen["lower_bound"], chosen["overhead_share"],
                           [{k: v for k, v in c.items() if k != "plan"} for c in candidates])  # fmt: skip
     return shards, summary
+
+
+def choose_strategies(
+    networks: list[NetworkLoad], iterations: int, workers: int, model: CostModel, overhead: float, device: str,
+    strategies: Sequence[str] = ("one_by_one", "fused"),
+) -> dict[str, dict]:  # fmt: skip
+    """Per architecture, the strategy whose planned shards the cost model predicts to finish first.
+
+    Each strategy the model knows for an architecture (from this run's calibration or earlier
+    runs' timings) is planned as `plan_auto_shards` would plan it and simulated; the shortest
+    predicted makespan wins. Returns {architecture: {"strategy": chosen, "predicted_makespan":
+    {strategy: seconds}}}; an architecture the model knows no strategy of trains one by one.
+    """
+    choices = {}
+    for spec, members in group_by_spec(networks).items():
+        predicted = {}
+        for strategy in strategies:
+            if model.knows((spec.architecture, effective_strategy(spec, strategy), device_kind(device))):
+                summary = plan_auto_shards(members, iterations, workers, model, overhead, strategy, device)[1]
+                predicted[strategy] = summary.predicted_makespan
+        best = min(predicted, key=predicted.__getitem__) if predicted else "one_by_one"
+        choices[spec.architecture] = {"strategy": best, "predicted_makespan": predicted}
+    return choices
 
 
 def forecast(members: list[NetworkLoad], iteration: int, iterations: int, model: CostModel, overhead: float,

@@ -169,6 +169,19 @@ def journal_event(folder: Path, event: str, iteration: int, worker: str) -> None
     append_journal(folder, {"event": event, "iteration": iteration, "worker": worker, "time": time.time()})
 
 
+def journal_recovered_done(folder: Path, iteration: int) -> None:
+    """Journal "done" for a checkpoint found on resume whose own "done" line is missing.
+
+    A process killed between renaming a checkpoint into place and appending its journal line
+    leaves a good checkpoint the journal does not know; the line is added (marked recovered) so
+    the journal still lists every checkpointed iteration exactly once.
+    """
+    if iteration < 1:
+        return
+    if not any(e.get("event") == "done" and e.get("iteration") == iteration for e in read_journal(folder)):
+        append_journal(folder, {"event": "done", "iteration": iteration, "worker": "recovered", "time": time.time()})
+
+
 def read_journal(folder: Path) -> list[dict]:
     """The events of a network's journal, oldest first (a torn last line is dropped)."""
     path = folder / "journal.jsonl"

@@ -6,6 +6,7 @@ calls, so the time a network takes depends on its data alone, not on how many ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -25,6 +26,7 @@ from tasks.storage import (
     checkpoint_iterations,
     checkpoint_path,
     journal_event,
+    journal_recovered_done,
     latest_valid_checkpoint,
     network_dir,
     prune_checkpoints,
@@ -70,6 +72,7 @@ class IterationResult:
     started: float  # unix seconds
     finished: float
     out_of_memory: str | None = None  # set when the task stopped early for lack of memory
+    strategy: str = "one_by_one"  # what the task was asked to run ("fused" fuses what it can)
     # Filled in on the way back: the priority the Dask worker held the task under, and, by the
     # driver, when it was submitted, what the cost model predicted and the priority it asked for.
     dask_priority: int | None = None
@@ -149,7 +152,9 @@ def fit_epochs(
         total = torch.zeros((), device=x.device)
         for start in range(0, n, spec.batch_size):
             idx = order[start : start + spec.batch_size]
-            loss = F.mse_loss(model(x[idx]), y[idx])
+            with spec.autocast(x.device):
+                prediction = model(x[idx])
+            loss = F.mse_loss(prediction.float(), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if spec.grad_clip is not None:
@@ -160,17 +165,19 @@ def fit_epochs(
         if not math.isfinite(mean):
             raise NonFiniteLoss(f"training loss became {mean}")
         watching = spec.early_stopping_patience is not None
-        progress.after_epoch(evaluate(model, x_val, y_val) if watching else None, spec)
+        progress.after_epoch(evaluate(model, x_val, y_val, spec) if watching else None, spec)
         if progress.stopped:
             break
     return mean
 
 
 @torch.no_grad()
-def evaluate(model, x, y) -> float:
-    """Mean squared error on held-out windows (normalised scale)."""
+def evaluate(model, x, y, spec: ModelSpec | None = None) -> float:
+    """Mean squared error on held-out windows (normalised scale), under the spec's precision."""
     model.eval()
-    return float(F.mse_loss(model(x), y))
+    with spec.autocast(x.device) if spec is not None else contextlib.nullcontext():
+        prediction = model(x)
+    return float(F.mse_loss(prediction.float(), y))
 
 
 def train_network_iteration(
@@ -191,6 +198,8 @@ def train_network_iteration(
             f"checkpoint in {folder} was trained with another model spec ({state['spec']} != "
             f"{spec.fingerprint()}); use a new output_dir or delete the old run"
         )
+    if state is not None:
+        journal_recovered_done(folder, done)
     progress = Progress.from_metrics(state["metrics"] if state else None, spec, done)
     if done >= iteration or progress.stopped:
         metrics = state["metrics"]
@@ -219,7 +228,7 @@ def train_network_iteration(
         rows = spec.training_rows(x_all.shape[0], step)
         x_train, y_train = x_all[:rows], y_all[:rows]
         train_loss = fit_epochs(model, optimizer, x_train, y_train, spec, generator, progress, x_val, y_val)
-        val_loss = evaluate(model, x_val, y_val)
+        val_loss = evaluate(model, x_val, y_val, spec)
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "train_windows": int(x_train.shape[0]),
                    **progress.as_metrics()}  # fmt: skip
         save_iteration(folder, step, spec, model.state_dict(), optimizer.state_dict(), generator, metrics,
@@ -359,7 +368,8 @@ def train_shard_iteration(
             fused = train_fusable_part(series_ids, spec, iteration, output_dir, device, _worker_name())
         except (MemoryError, torch.OutOfMemoryError) as exc:
             out_of_memory = _out_of_memory(exc, f"{len(series_ids)} networks fused", device)
-            return IterationResult(shard_id, iteration, [], _worker_name(), started, time.time(), out_of_memory)
+            return IterationResult(shard_id, iteration, [], _worker_name(), started, time.time(), out_of_memory,
+                                   strategy)  # fmt: skip
     for series_id in series_ids:
         if series_id in fused:
             outcomes.append(fused[series_id])
@@ -369,4 +379,5 @@ def train_shard_iteration(
         except (MemoryError, torch.OutOfMemoryError) as exc:
             out_of_memory = _out_of_memory(exc, repr(series_id), device)
             break
-    return IterationResult(shard_id, iteration, outcomes, _worker_name(), started, time.time(), out_of_memory)
+    return IterationResult(shard_id, iteration, outcomes, _worker_name(), started, time.time(), out_of_memory,
+                           strategy)  # fmt: skip

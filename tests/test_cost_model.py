@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from models import ModelSpec
-from tasks.calibration import calibrate, prior_from
+from models import ModelSpec, build_model
+from tasks.calibration import SHAPES, calibrate, prior_from
 from tasks.cost_model import (
     CostModel,
     TaskWork,
@@ -30,8 +30,12 @@ def test_features_follow_the_strategy_that_really_runs():
     assert alone.sample_work == fused.sample_work == 2 * 150 * macs_per_window(SPEC)
     assert fused.key == ("mlp", "fused", "cuda")
     lstm = SPEC.model_copy(update={"architecture": "lstm"})
-    assert describe_task(rows, lstm, "fused", "cpu").strategy == "one_by_one"  # no fused LSTM yet
-    assert macs_per_window(lstm) > macs_per_window(SPEC)
+    assert describe_task(rows, lstm, {"mlp": "fused", "lstm": "one_by_one"}, "cpu").strategy == "one_by_one"
+    assert describe_task(rows, lstm, {"lstm": "fused"}, "cpu").strategy == "fused"
+    assert macs_per_window(lstm) == pytest.approx(SPEC.window * sum(
+        p.numel() for p in build_model(lstm).parameters()))  # every weight at every step
+    transformer = SPEC.model_copy(update={"architecture": "transformer", "heads": 2})
+    assert macs_per_window(transformer) > 2 * SPEC.window**2 * SPEC.hidden * SPEC.layers  # attention included
 
 
 def test_fit_recovers_non_negative_coefficients_and_small_relative_errors():
@@ -76,7 +80,7 @@ def test_history_round_trip_gives_the_next_run_a_prior(tmp_path):
 
 def test_calibration_times_real_tasks_and_yields_a_usable_prior():
     observations = calibrate(SPEC, "fused", "cpu", shortest=20, longest=400)
-    assert len(observations) == 5 and all(seconds > 0 for _, seconds in observations)
+    assert len(observations) == len(SHAPES) - 1 and all(seconds > 0 for _, seconds in observations)
     assert {w.key for w, _ in observations} == {("mlp", "fused", "cpu")}
     model = CostModel(prior_from(observations))
     small, large = describe_task([20], SPEC, "fused", "cpu"), describe_task([400] * 64, SPEC, "fused", "cpu")

@@ -179,3 +179,19 @@ def test_early_stopping_masks_a_network_out_and_it_matches_alone(ragged, archite
         assert fused["metrics"]["epochs_trained"] == alone["metrics"]["epochs_trained"]
         assert_same_network(fused, alone)
     assert all(checkpoint(root / "fused", sid, 1)["metrics"]["epochs_trained"] < 6 for sid in stopped)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "lstm"])
+def test_bf16_autocast_trains_in_both_strategies_and_changes_the_arithmetic(ragged, architecture):
+    root, ids = ragged
+    spec = spec_for(architecture, precision="bf16", epochs_per_iteration=1)
+    fused = train_shard_iteration(0, ids, spec, 1, str(root / "fused"), strategy="fused")
+    alone = train_shard_iteration(0, ids, spec, 1, str(root / "alone"), strategy="one_by_one")
+    fp32 = train_shard_iteration(0, ids, spec_for(architecture, epochs_per_iteration=1), 1, str(root / "fp32"))
+    assert all(n.status == "trained" and math.isfinite(n.val_loss) for n in fused.networks + alone.networks)
+    # bf16 keeps ~3 significant digits: the two strategies agree loosely, and both differ from fp32.
+    for f, a, full in zip(fused.networks, alone.networks, fp32.networks):
+        assert f.val_loss == pytest.approx(a.val_loss, rel=0.1)
+        assert a.val_loss != full.val_loss
+    state = checkpoint(root / "fused", ids[0], 1)
+    assert all(v.dtype == torch.float32 for v in state["model"].values())

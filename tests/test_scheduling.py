@@ -16,6 +16,7 @@ PRIOR = {
     ("mlp", "one_by_one", "cpu"): np.array([0.01, 0.002, 2e-9, 1e-4]),
     ("mlp", "fused", "cpu"): np.array([0.01, 0.003, 1e-9, 3e-4]),
     ("lstm", "one_by_one", "cpu"): np.array([0.01, 0.004, 1e-8, 5e-4]),
+    ("lstm", "fused", "cpu"): np.array([0.01, 0.004, 2e-8, 5e-4]),
 }
 
 
@@ -86,3 +87,43 @@ def test_architecture_column_is_read_per_series_and_checked():
         series_architectures(table.replace({"mlp": "gru"}), ("mlp", "lstm"))
     with pytest.raises(DataError, match="series '1' has more than one architecture"):
         series_architectures(table.replace({"LSTM": "mlp"}), ("mlp", "lstm"))
+
+
+def test_the_strategy_choice_follows_the_cost_model_per_architecture():
+    from tasks.cost_model import effective_strategy
+    from tasks.shards import choose_strategies
+
+    prior = {
+        # MLP: fused costs a fifth per window; LSTM: fused costs three times as much.
+        ("mlp", "one_by_one", "cpu"): np.array([0.01, 0.002, 5e-9, 1e-4]),
+        ("mlp", "fused", "cpu"): np.array([0.01, 0.0005, 1e-9, 1e-4]),
+        ("lstm", "one_by_one", "cpu"): np.array([0.01, 0.004, 1e-8, 5e-4]),
+        ("lstm", "fused", "cpu"): np.array([0.01, 0.004, 3e-8, 5e-4]),
+    }
+    loads = [NetworkLoad(f"m{i}", MLP, 500 + 40 * i) for i in range(30)]
+    loads += [NetworkLoad(f"l{i}", LSTM, 500 + 40 * i) for i in range(30)]
+    choices = choose_strategies(loads, 2, 2, CostModel(prior), 0.05, "cpu")
+    assert {a: c["strategy"] for a, c in choices.items()} == {"mlp": "fused", "lstm": "one_by_one"}
+    for choice in choices.values():
+        predicted = choice["predicted_makespan"]
+        assert set(predicted) == {"one_by_one", "fused"}
+        assert choice["strategy"] == min(predicted, key=predicted.get)
+    # A strategy the model knows nothing of is not chosen; an architecture it knows nothing of trains alone.
+    unknown = {k: v for k, v in prior.items() if k != ("mlp", "fused", "cpu") and k[0] != "lstm"}
+    choices = choose_strategies(loads, 2, 2, CostModel(unknown), 0.05, "cpu")
+    assert choices["mlp"]["strategy"] == "one_by_one" and choices["lstm"]["predicted_makespan"] == {}
+    assert effective_strategy(LSTM, {"mlp": "fused"}) == "one_by_one"
+    assert effective_strategy(MLP, {"mlp": "fused"}) == "fused"
+
+
+def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused_where_there_is_none():
+    import torch
+
+    from flows.cluster import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert resolve_device("auto", None) == "cpu"
+    assert resolve_device("cpu", None) == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda", None)

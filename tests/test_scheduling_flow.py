@@ -81,3 +81,21 @@ def test_without_priorities_tasks_run_at_dask_default_priority(tmp_path, mixed_t
     assert len(tasks) == 2 * 5  # 8 MLP series in shards of 3 (3+3+2), 4 LSTM series (3+1)
     schedule = json.loads((out / "schedule.json").read_text())
     assert not schedule["planned"] and schedule["priorities_asked"] == 0
+
+
+def test_auto_strategy_is_chosen_per_architecture_from_calibrated_timings(tmp_path, mixed_table):
+    out = tmp_path / "run"
+    results = train_many(mixed_table, model=MODEL, iterations=1, output_dir=str(out), n_workers=2,
+                         progress_bar=False)  # strategy="auto" is the default  # fmt: skip
+    assert (results["status"] == "trained").all()
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert set(schedule["strategies"]) == {"mlp", "lstm"}
+    for architecture, chosen in schedule["strategies"].items():
+        # Both strategies were calibrated on a worker and the faster predicted plan won.
+        predicted = schedule["strategy_predictions"][architecture]
+        assert set(predicted) == {"one_by_one", "fused"} and all(v > 0 for v in predicted.values())
+        assert chosen == min(predicted, key=predicted.get)
+    tasks = pd.read_parquet(out / "tasks.parquet")
+    assert set(tasks["strategy"]) <= set(schedule["strategies"].values())
+    history = pd.read_parquet(out / "cost_history.parquet")
+    assert set(zip(history["architecture"], history["strategy"])) == set(schedule["strategies"].items())

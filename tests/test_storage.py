@@ -87,3 +87,15 @@ def test_run_dir_refuses_another_spec(tmp_path):
     with pytest.raises(ValueError, match="another model spec.*new output_dir"):
         claim_run_dir(tmp_path, {"hidden": 2}, "bbb")
     assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_a_checkpoint_whose_journal_line_was_lost_is_journaled_once_on_resume(tmp_path):
+    from tasks.storage import journal_event, journal_recovered_done, read_journal
+
+    journal_event(tmp_path, "done", 1, "w1")
+    journal_recovered_done(tmp_path, 1)  # already there: nothing added
+    journal_recovered_done(tmp_path, 2)  # killed before its line: added, marked recovered
+    journal_recovered_done(tmp_path, 2)
+    journal_recovered_done(tmp_path, 0)  # no checkpoint at all
+    events = [(e["event"], e["iteration"], e["worker"]) for e in read_journal(tmp_path)]
+    assert events == [("done", 1, "w1"), ("done", 2, "recovered")]
