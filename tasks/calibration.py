@@ -18,9 +18,9 @@ from tasks.storage import stage_values
 from tasks.training import train_shard_iteration
 
 # (networks, share of the way from the shortest to the longest training set); the first is a warm-up.
-# The 12-network shape shows how a fused task scales with its width, which the choice between
-# strategies rests on.
-SHAPES = ((1, 0.0), (1, 0.0), (1, 1.0), (4, 0.0), (4, 1.0), (2, 0.5), (12, 0.25))
+# The 16-network shape (a full fused group on CPU, tasks.fused.fused_width) shows how a fused
+# task scales with its width, which the choice between strategies rests on.
+SHAPES = ((1, 0.0), (1, 0.0), (1, 1.0), (4, 0.0), (4, 1.0), (2, 0.5), (16, 0.25))
 
 
 def _length_for_rows(spec: ModelSpec, rows: int) -> int:

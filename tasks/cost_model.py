@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from models import ModelSpec, build_model
-from tasks.fused import FUSABLE
+from tasks.fused import FUSABLE, fused_width
 
 FEATURES = ("task", "networks", "sample_work", "steps")
 HISTORY_FILE = "cost_history.parquet"
@@ -96,8 +96,14 @@ def describe_task(rows: Sequence[int], spec: ModelSpec, strategy: str, device: s
     run = effective_strategy(spec, strategy)
     epochs, batch = spec.epochs_per_iteration, spec.batch_size
     batches = [math.ceil(r / batch) for r in rows]
-    # Fused, a step serves every network that still has a batch: the longest sets the count.
-    steps = epochs * (max(batches, default=0) if run == "fused" else sum(batches))
+    if run == "fused":
+        # A step serves every network of a fused group that still has a batch: each group's longest
+        # network sets its count, groups formed longest first (tasks.fused.fused_width).
+        ordered = sorted(batches, reverse=True)
+        width = fused_width(spec.architecture, device) or max(1, len(ordered))
+        steps = epochs * sum(ordered[start] for start in range(0, len(ordered), width))
+    else:
+        steps = epochs * sum(batches)
     return TaskWork(spec.architecture, run, device_kind(device), len(rows),
                     epochs * float(sum(rows)) * macs_per_window(spec), steps)  # fmt: skip
 

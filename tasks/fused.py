@@ -27,6 +27,22 @@ if TYPE_CHECKING:
 FUSABLE = ARCHITECTURES
 
 
+def fused_width(architecture: str, device: str) -> int | None:
+    """How many networks one fused computation holds at most on `device` (None: the whole shard).
+
+    On CPU, recurrent and attention networks stop paying past ~16: per network, a stacked
+    forward+backward of GRUs was 1.5x cheaper than a loop at 16 networks and no cheaper at 64, the
+    Transformer's best was 4-16, as activations outgrow the cache (`python -m benchmarks.stacking`);
+    MLPs kept gaining with width (fused 256 MLPs: 2.7 s in one group, 3.3 s in groups of 16,
+    `benchmarks.fused_vs_loop`). It also keeps those fused tasks within the widths calibration
+    times (tasks/calibration.py), so the strategy choice does not rest on extrapolation. A GPU
+    wants the widest batch it can get. A wider shard trains as consecutive groups, longest together.
+    """
+    if device.startswith("cuda") or architecture == "mlp":
+        return None
+    return 16
+
+
 @dataclass
 class FusedMember:
     """One network entering a fused iteration: its data, generator and resumed state."""
@@ -239,7 +255,13 @@ def train_fusable_part(
         return {}
     outcomes = {}
     progress = {m.series_id: m.progress for m in members}
-    for series_id, result in train_fused_iteration(members, spec, iteration, output_dir, device, worker).items():
+    members.sort(key=lambda m: -m.windows.x_train.shape[0])
+    trained: dict = {}
+    width = fused_width(spec.architecture, device) or len(members)
+    for start in range(0, len(members), width):
+        group = members[start : start + width]
+        trained.update(train_fused_iteration(group, spec, iteration, output_dir, device, worker))
+    for series_id, result in trained.items():
         if isinstance(result, Exception):
             outcomes[series_id] = failed_outcome(series_id, output_dir, iteration - 1,
                                                  f"{type(result).__name__}: {result}", notes=notes[series_id])  # fmt: skip

@@ -195,3 +195,23 @@ def test_bf16_autocast_trains_in_both_strategies_and_changes_the_arithmetic(ragg
         assert a.val_loss != full.val_loss
     state = checkpoint(root / "fused", ids[0], 1)
     assert all(v.dtype == torch.float32 for v in state["model"].values())
+
+
+def test_a_shard_wider_than_a_fused_group_trains_in_groups_that_still_match_alone(ragged, monkeypatch):
+    import tasks.fused
+
+    root, ids = ragged
+    monkeypatch.setattr(tasks.fused, "fused_width", lambda architecture, device: 2)  # 5 networks: 3 groups
+    spec = spec_for("gru")
+    for iteration in (1, 2):
+        train_shard_iteration(0, ids, spec, iteration, str(root / "fused"), strategy="fused")
+        train_shard_iteration(0, ids, spec, iteration, str(root / "alone"), strategy="one_by_one")
+    for sid in ids:
+        assert_same_network(checkpoint(root / "fused", sid, 2), checkpoint(root / "alone", sid, 2))
+
+
+def test_fused_groups_are_capped_on_cpu_for_recurrent_and_attention_networks_only():
+    from tasks.fused import fused_width
+
+    assert fused_width("mlp", "cpu") is None and fused_width("gru", "cuda:0") is None
+    assert fused_width("lstm", "cpu") == fused_width("transformer", "cpu") == 16
