@@ -229,7 +229,7 @@ def train_fusable_part(
     cannot be loaded are left out: the one-by-one path handles (and reports) those.
     """
     from tasks.storage import checkpoint_iterations, latest_valid_checkpoint
-    from tasks.training import NetworkOutcome, failed_outcome, network_seed, stop_reason
+    from tasks.training import NetworkOutcome, Progress, failed_outcome, network_seed, stop_reason
 
     if spec.architecture not in FUSABLE:
         return {}
@@ -243,8 +243,8 @@ def train_fusable_part(
             continue
         if state is not None:
             journal_recovered_done(folder, done)
-        if state is not None and state["metrics"].get("stopped"):
-            continue  # stopped early: the one-by-one path reports it without training
+            if Progress.from_metrics(state["metrics"], spec, done).stopped:
+                continue  # stopped early: the one-by-one path reports it without training
         try:
             members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id),
                                           iteration))
