@@ -26,30 +26,37 @@ class MLPForecaster(nn.Module):
         return self.net(window)
 
 
-class LSTMForecaster(nn.Module):
+class _RecurrentForecaster(nn.Module):
+    """A recurrent layer stack over the window, its last hidden state mapped to the horizon.
+
+    The stack is stored under the subclass's `name` ("lstm", "gru"): checkpoints and the stacked
+    models address its weights by that prefix.
+    """
+
+    cell: type[nn.RNNBase]
+    name: str
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        setattr(self, self.name, self.cell(input_size=1, hidden_size=spec.hidden, num_layers=spec.layers,
+                                           batch_first=True))  # fmt: skip
+        self.head = nn.Linear(spec.hidden, spec.horizon)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:  # (batch, window) -> (batch, horizon)
+        out, _ = getattr(self, self.name)(window.unsqueeze(-1))
+        return self.head(out[:, -1, :])
+
+
+class LSTMForecaster(_RecurrentForecaster):
     """An LSTM over the window, its last hidden state mapped to the horizon."""
 
-    def __init__(self, spec: ModelSpec):
-        super().__init__()
-        self.lstm = nn.LSTM(input_size=1, hidden_size=spec.hidden, num_layers=spec.layers, batch_first=True)
-        self.head = nn.Linear(spec.hidden, spec.horizon)
-
-    def forward(self, window: torch.Tensor) -> torch.Tensor:  # (batch, window) -> (batch, horizon)
-        out, _ = self.lstm(window.unsqueeze(-1))
-        return self.head(out[:, -1, :])
+    cell, name = nn.LSTM, "lstm"
 
 
-class GRUForecaster(nn.Module):
+class GRUForecaster(_RecurrentForecaster):
     """A GRU over the window, its last hidden state mapped to the horizon."""
 
-    def __init__(self, spec: ModelSpec):
-        super().__init__()
-        self.gru = nn.GRU(input_size=1, hidden_size=spec.hidden, num_layers=spec.layers, batch_first=True)
-        self.head = nn.Linear(spec.hidden, spec.horizon)
-
-    def forward(self, window: torch.Tensor) -> torch.Tensor:  # (batch, window) -> (batch, horizon)
-        out, _ = self.gru(window.unsqueeze(-1))
-        return self.head(out[:, -1, :])
+    cell, name = nn.GRU, "gru"
 
 
 class TransformerForecaster(nn.Module):
