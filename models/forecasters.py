@@ -120,6 +120,16 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> None:
             nn.init.normal_(module.position, std=0.02, generator=generator)
 
 
+def fresh_weights(template: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The parameters `build_model(spec, generator)` would give, drawn by re-initialising `template` (a model of spec).
+
+    Building a module costs ~1.3 ms here, initialising one ~0.1 ms: a caller that needs only the
+    weights of many networks (the fused engine) re-initialises one template instead of building each.
+    """
+    init_weights(template, generator)
+    return {name: p.detach().clone() for name, p in template.named_parameters()}
+
+
 def build_model(spec: ModelSpec, generator: torch.Generator | None = None) -> nn.Module:
     """A fresh forecaster for `spec`, initialised from `generator` when one is given."""
     family = _FAMILIES[spec.architecture]

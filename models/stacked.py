@@ -29,15 +29,17 @@ class StackedNetworks(nn.Module):
     networks that have no batch left, without copying weights.
     """
 
-    def __init__(self, networks: list[nn.Module]):
+    def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None):
+        """Stack `networks`: single modules, or their parameter dicts with a `template` module of the same spec."""
         super().__init__()
-        named = [dict(n.named_parameters()) for n in networks]
-        self.keys = list(named[0])
+        named = [n if isinstance(n, dict) else dict(n.named_parameters()) for n in networks]
+        template = template if template is not None else networks[0]
+        self.keys = [key for key, _ in template.named_parameters()]
         self.index = {key: i for i, key in enumerate(self.keys)}
         # Per parameter: "row" (a bias, stored (K, 1, n)), "T" (a weight matrix, stored transposed) or
         # "same" (stored as is, e.g. a position table).
         self.layouts = []
-        for key, tensor in named[0].items():
+        for key, tensor in template.named_parameters():
             self.layouts.append("row" if tensor.dim() == 1 else "T" if tensor.dim() == 2 and "weight" in key else "same")
         self.params = nn.ParameterList(
             nn.Parameter(self.from_singles(i, [n[key].detach() for n in named])) for i, key in enumerate(self.keys)
@@ -149,9 +151,9 @@ class StackedGRU(_StackedRecurrent):
 class StackedTransformer(StackedNetworks):
     """K TransformerForecasters (post-norm encoder layers, ReLU feed-forward, no dropout)."""
 
-    def __init__(self, networks: list[nn.Module]):
-        super().__init__(networks)
-        first = networks[0]
+    def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None):
+        super().__init__(networks, template)
+        first = template if template is not None else networks[0]
         self.heads = first.encoder.layers[0].self_attn.num_heads
         self.eps = first.encoder.layers[0].norm1.eps
 
@@ -186,9 +188,12 @@ STACKED: dict[str, type[StackedNetworks]] = {
 }  # fmt: skip
 
 
-def stack(architecture: str, networks: list[nn.Module]) -> StackedNetworks:
-    """The stacked version of `networks` (all of `architecture` and one spec)."""
-    return STACKED[architecture](networks)
+def stack(
+    architecture: str, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None
+) -> StackedNetworks:  # fmt: skip
+    """The stacked version of `networks` (all of `architecture` and one spec): modules, or parameter
+    dicts (state-dict names) with a `template` module of that spec giving their order and shapes."""
+    return STACKED[architecture](networks, template)
 
 
 class StackedAdam:

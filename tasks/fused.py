@@ -9,13 +9,14 @@ sees another's data.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from models import ModelSpec, build_model
+from models import ModelSpec, build_model, fresh_weights
 from models.spec import ARCHITECTURES
 from models.stacked import StackedAdam, StackedNetworks, stack
 from tasks.series import Windows, for_iteration, make_windows
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from tasks.training import Progress
 
 FUSABLE = ARCHITECTURES
+CHECKPOINT_WRITERS = 4
 
 
 def fused_width(architecture: str, device: str) -> int | None:
@@ -50,27 +52,31 @@ class FusedMember:
     series_id: str
     windows: Windows
     generator: torch.Generator
-    model: torch.nn.Module
+    weights: dict[str, torch.Tensor]  # parameters by state-dict name
     optimizer_state: dict | None
     progress: Progress
 
 
 def prepare_member(
-    series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int, iteration: int
-) -> FusedMember:
-    """Load one network's data for `iteration` and its state exactly as the one-by-one path would."""
+    series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int, iteration: int,
+    template: torch.nn.Module,
+) -> FusedMember:  # fmt: skip
+    """Load one network's data for `iteration` and its state exactly as the one-by-one path would.
+
+    `template` is a model of `spec` re-initialised for a network that has no checkpoint yet (the
+    weights, and the generator's state after drawing them, are those `build_model` would give).
+    """
     from tasks.training import Progress
 
     windows = for_iteration(make_windows(read_values(output_dir, series_id), spec), spec, iteration)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(spec, generator)
-    optimizer_state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer_state = state["optimizer"]
+    if state is None:
+        weights, optimizer_state = fresh_weights(template, generator), None
+    else:
+        weights, optimizer_state = state["model"], state["optimizer"]
         generator.set_state(state["generator"])
     progress = Progress.from_metrics(state["metrics"] if state else None, spec, iteration - 1)
-    return FusedMember(series_id, windows, generator, model, optimizer_state, progress)
+    return FusedMember(series_id, windows, generator, weights, optimizer_state, progress)
 
 
 def _flat(arrays, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +87,7 @@ def _flat(arrays, device) -> tuple[torch.Tensor, torch.Tensor]:
     """
     counts = torch.tensor([a.shape[0] for a in arrays])
     starts = torch.cumsum(counts, 0) - counts
-    return torch.tensor(np.concatenate(arrays), device=device), starts.to(device)
+    return torch.from_numpy(np.concatenate(arrays)).to(device), starts.to(device)
 
 
 def _rows(starts: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +129,8 @@ def _optimizer_state_of(stacked: StackedNetworks, optimizer: StackedAdam, k: int
 
 
 def train_fused_iteration(
-    members: list[FusedMember], spec: ModelSpec, iteration: int, output_dir: str, device: str, worker: str
+    members: list[FusedMember], spec: ModelSpec, iteration: int, output_dir: str, device: str, worker: str,
+    template: torch.nn.Module | None = None,
 ) -> dict[str, tuple[float, float, int, float] | Exception]:
     """Train iteration `iteration` of `members` together and checkpoint each network.
 
@@ -139,10 +146,11 @@ def train_fused_iteration(
     # each step computes only those (no work on networks that have finished their epoch).
     members = sorted(members, key=lambda m: -m.windows.x_train.shape[0])
     k_count = len(members)
-    stacked = stack(spec.architecture, [m.model for m in members]).to(device)
+    template = template if template is not None else build_model(spec)
+    stacked = stack(spec.architecture, [m.weights for m in members], template).to(device)
     optimizer = StackedAdam(stacked.parameters(), lr=spec.learning_rate)
     _load_optimizer_states(stacked, optimizer, members)
-    template = torch.optim.Adam(members[0].model.parameters(), lr=spec.learning_rate).state_dict()
+    adam_layout = torch.optim.Adam(template.parameters(), lr=spec.learning_rate).state_dict()
     x_train, train_starts = _flat([m.windows.x_train for m in members], device)
     y_train, _ = _flat([m.windows.y_train for m in members], device)
     x_val, val_starts = _flat([m.windows.x_val for m in members], device)
@@ -207,16 +215,22 @@ def train_fused_iteration(
     val_losses = validation_losses()
     seconds = (time.perf_counter() - started) / k_count  # the shared time, split evenly
     results: dict[str, tuple[float, float, int, float] | Exception] = dict(errors)
-    for k, m in enumerate(members):
-        if m.series_id in errors:
-            continue
-        folder = network_dir(output_dir, m.series_id)
-        metrics = {"train_loss": float(last_loss[k]), "val_loss": float(val_losses[k]),
-                   "train_windows": int(counts[k]), **m.progress.as_metrics()}  # fmt: skip
-        save_iteration(folder, iteration, spec, stacked.state_dict_of(k),
-                       _optimizer_state_of(stacked, optimizer, k, template), m.generator, metrics, m.windows,
-                       worker)  # fmt: skip
-        results[m.series_id] = (metrics["train_loss"], metrics["val_loss"], metrics["train_windows"], seconds)
+    # Checkpoints are written from a few threads: each one's fsync waits on the disk with the GIL
+    # released, so the next is pickled meanwhile. Every network has its own folder; result() re-raises.
+    with ThreadPoolExecutor(max_workers=CHECKPOINT_WRITERS) as writers:
+        pending = []
+        for k, m in enumerate(members):
+            if m.series_id in errors:
+                continue
+            metrics = {"train_loss": float(last_loss[k]), "val_loss": float(val_losses[k]),
+                       "train_windows": int(counts[k]), **m.progress.as_metrics()}  # fmt: skip
+            pending.append(writers.submit(
+                save_iteration, network_dir(output_dir, m.series_id), iteration, spec, stacked.state_dict_of(k),
+                _optimizer_state_of(stacked, optimizer, k, adam_layout), m.generator, metrics, m.windows, worker,
+            ))  # fmt: skip
+            results[m.series_id] = (metrics["train_loss"], metrics["val_loss"], metrics["train_windows"], seconds)
+        for future in pending:
+            future.result()
     return results
 
 
@@ -234,6 +248,7 @@ def train_fusable_part(
     if spec.architecture not in FUSABLE:
         return {}
     members, notes = [], {}
+    template = build_model(spec)  # re-initialised for each new network instead of building one each
     for series_id in series_ids:
         folder = network_dir(output_dir, series_id)
         if max(checkpoint_iterations(folder), default=0) >= iteration:
@@ -247,7 +262,7 @@ def train_fusable_part(
                 continue  # stopped early: the one-by-one path reports it without training
         try:
             members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id),
-                                          iteration))
+                                          iteration, template))
             notes[series_id] = problems
         except Exception:
             continue
@@ -260,7 +275,7 @@ def train_fusable_part(
     width = fused_width(spec.architecture, device) or len(members)
     for start in range(0, len(members), width):
         group = members[start : start + width]
-        trained.update(train_fused_iteration(group, spec, iteration, output_dir, device, worker))
+        trained.update(train_fused_iteration(group, spec, iteration, output_dir, device, worker, template))
     for series_id, result in trained.items():
         if isinstance(result, Exception):
             outcomes[series_id] = failed_outcome(series_id, output_dir, iteration - 1,

@@ -99,3 +99,18 @@ def test_stacked_clipping_scales_each_network_by_its_own_norm():
         grads = {name: p.grad for name, p in network.named_parameters()}
         for index, (key, param) in enumerate(zip(stacked.keys, stacked.params)):
             torch.testing.assert_close(stacked.to_single(param.grad, index, k), grads[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fresh_weights_from_a_template_equal_a_freshly_built_model(architecture):
+    from models import fresh_weights
+
+    spec = ModelSpec(architecture=architecture, hidden=8, heads=2)
+    template = build_model(spec, torch.Generator().manual_seed(99))
+    built_with, drawn_with = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    built = build_model(spec, built_with).state_dict()
+    drawn = fresh_weights(template, drawn_with)
+    assert list(drawn) == list(built) and all(torch.equal(drawn[k], built[k]) for k in built)
+    assert torch.equal(built_with.get_state(), drawn_with.get_state())  # the shuffles that follow agree too
+    assert all(not torch.equal(drawn[k], v) for k, v in fresh_weights(template, torch.Generator().manual_seed(6)).items()
+               if v.numel() > 1 and v.std() > 0)  # fmt: skip
