@@ -32,17 +32,18 @@ CHECKPOINT_WRITERS = 4
 def fused_width(architecture: str, device: str) -> int | None:
     """How many networks one fused computation holds at most on `device` (None: the whole shard).
 
-    On CPU, recurrent and attention networks stop paying past ~16: per network, a stacked
-    forward+backward of GRUs was 1.5x cheaper than a loop at 16 networks and no cheaper at 64, the
-    Transformer's best was 4-16, as activations outgrow the cache (`python -m benchmarks.stacking`);
-    MLPs kept gaining with width (fused 256 MLPs: 2.7 s in one group, 3.3 s in groups of 16,
-    `benchmarks.fused_vs_loop`). It also keeps those fused tasks within the widths calibration
-    times (tasks/calibration.py), so the strategy choice does not rest on extrapolation. A GPU
-    wants the widest batch it can get. A wider shard trains as consecutive groups, longest together.
+    Measured on this 2-core CPU, one thread. Per network, wide groups stop paying once activations
+    outgrow the cache: stacked GRUs were 1.5x cheaper than a loop at 16 networks and no cheaper at
+    64, the Transformer's best was 4-16 (`python -m benchmarks.stacking`); one fused iteration of
+    1660 MLPs took 18.1 s in one group, 15.9 s in groups of 256, 17.2 s in groups of 64 and 22.5 s in
+    groups of 16 (`python -m benchmarks.fused_width`). The recurrent and attention cap also keeps
+    those fused tasks within the widths calibration times (tasks/calibration.py), so the strategy
+    choice does not rest on extrapolation. A GPU wants the widest batch it can get: no cap. A wider
+    shard trains as consecutive groups, longest networks together.
     """
-    if device.startswith("cuda") or architecture == "mlp":
+    if device.startswith("cuda"):
         return None
-    return 16
+    return 256 if architecture == "mlp" else 16
 
 
 @dataclass

@@ -210,8 +210,8 @@ def test_a_shard_wider_than_a_fused_group_trains_in_groups_that_still_match_alon
         assert_same_network(checkpoint(root / "fused", sid, 2), checkpoint(root / "alone", sid, 2))
 
 
-def test_fused_groups_are_capped_on_cpu_for_recurrent_and_attention_networks_only():
+def test_fused_groups_are_capped_on_cpu_only_and_narrower_for_recurrent_and_attention_networks():
     from tasks.fused import fused_width
 
-    assert fused_width("mlp", "cpu") is None and fused_width("gru", "cuda:0") is None
-    assert fused_width("lstm", "cpu") == fused_width("transformer", "cpu") == 16
+    assert fused_width("mlp", "cuda") is None and fused_width("gru", "cuda:0") is None
+    assert fused_width("lstm", "cpu") == fused_width("transformer", "cpu") == 16 < fused_width("mlp", "cpu")

@@ -1,0 +1,71 @@
+"""How wide a fused group should be: one fused iteration of N networks trained in groups of W, per width.
+
+The engine trains a fused shard as consecutive groups of at most `tasks.fused.fused_width` networks;
+this times one iteration of the first N bundled series (one thread, checkpoints included) with that
+width replaced by each W given, so the cap is a measurement, not a guess.
+Prints a table and writes benchmarks/results/fused_width.json.
+Run: `python -m benchmarks.fused_width [--architecture mlp] [--networks 1660] [--widths 1660 256 64 16]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import tasks.fused
+from data import BUNDLED_SERIES
+from models import ModelSpec
+from tasks.series import load_table, validate_table
+from tasks.storage import stage_values
+from tasks.training import train_shard_iteration, warm_up
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architecture", default="mlp")
+    parser.add_argument("--networks", type=int, default=1660)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--widths", type=int, nargs="+", default=[1660, 256, 64, 16])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    spec = ModelSpec(architecture=args.architecture, epochs_per_iteration=args.epochs)
+    series = validate_table(load_table(BUNDLED_SERIES), spec)[0][: args.networks]
+    warm_up()
+    rows = []
+    for width in args.widths:
+        with tempfile.TemporaryDirectory(prefix="manynets-width-") as scratch:
+            for item in series:
+                stage_values(scratch, item.series_id, item.values)
+            with mock.patch.object(tasks.fused, "fused_width", lambda architecture, device, w=width: w):
+                started = time.perf_counter()
+                result = train_shard_iteration(0, [s.series_id for s in series], spec, 1, scratch, strategy="fused")
+                seconds = time.perf_counter() - started
+        assert all(n.status == "trained" for n in result.networks)
+        rows.append({"architecture": args.architecture, "networks": len(series), "epochs": args.epochs,
+                     "width": width, "seconds": seconds})  # fmt: skip
+        print(rows[-1], flush=True)
+    view = Table(title=f"one fused iteration of {len(series)} {args.architecture} networks, {args.epochs} epochs, 1 thread")
+    for column in ("group width", "seconds", "vs widest"):
+        view.add_column(column, justify="right")
+    widest = max(rows, key=lambda r: r["width"])["seconds"]
+    for r in rows:
+        view.add_row(str(r["width"]), f"{r['seconds']:.1f}", f"{widest / r['seconds']:.2f}x")
+    Console(width=120).print(view)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fused_width.json").write_text(json.dumps(
+        {"benchmark": "fused_width", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))  # fmt: skip
+    print(f"wrote {RESULTS / 'fused_width.json'}")
+
+
+if __name__ == "__main__":
+    main()
