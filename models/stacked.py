@@ -7,8 +7,8 @@ state-dict layout (so checkpoints do not depend on how a network was trained).
 Every layer is a batched matrix product over the K networks, written by hand: on this CPU
 `torch.func.vmap` over the single modules has no batching rule for `aten::lstm`/`aten::gru` at
 all, and over a Transformer encoder it ran 5.6x slower than a plain loop over 64 networks
-(`python -m benchmarks.stacking`, benchmarks/results/stacking_probe.json). Matrices are stored transposed, (K, fan_in, fan_out),
-and biases as (K, 1, n), so each layer is one `baddbmm`.
+(`python -m benchmarks.stacking`, benchmarks/results/stacking_probe.json). Matrices are stored
+transposed, (K, fan_in, fan_out), and biases as (K, 1, n), so each layer is one `baddbmm`.
 """
 
 from __future__ import annotations
