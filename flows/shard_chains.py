@@ -213,10 +213,11 @@ def train_shards(
             for note in outcome.notes:
                 logger.warning("network %r: %s", outcome.series_id, note)
         still_training = tuple(n.series_id for n in result.networks if n.status == "trained")
-        logger.info("%s: %d trained, %d failed in %.2fs (predicted %s)", name, len(still_training),
-                    len(result.networks) - len(still_training), result.wall_seconds,
+        stopped = sum(n.status == "stopped" for n in result.networks)
+        logger.info("%s: %d trained, %d stopped early, %d failed in %.2fs (predicted %s)", name, len(still_training),
+                    stopped, len(result.networks) - len(still_training) - stopped, result.wall_seconds,
                     "-" if asked["predicted_seconds"] is None else f"{asked['predicted_seconds']:.2f}s")  # fmt: skip
-        given_up = len(result.networks) - len(still_training)
+        given_up = len(result.networks) - len(still_training)  # failed or stopped early: no more iterations
         if result.out_of_memory:
             reported = {n.series_id for n in result.networks}
             rest = tuple(s for s in shard.series_ids if s not in reported)

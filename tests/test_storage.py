@@ -99,3 +99,17 @@ def test_a_checkpoint_whose_journal_line_was_lost_is_journaled_once_on_resume(tm
     journal_recovered_done(tmp_path, 0)  # no checkpoint at all
     events = [(e["event"], e["iteration"], e["worker"]) for e in read_journal(tmp_path)]
     assert events == [("done", 1, "w1"), ("done", 2, "recovered")]
+
+
+def test_a_non_durable_write_is_still_whole_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    from tasks.storage import atomic_write_bytes
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    atomic_write_bytes(tmp_path / "a" / "values.npy", b"old")
+    assert len(synced) == 2  # the file and its folder
+    atomic_write_bytes(tmp_path / "a" / "values.npy", b"new", durable=False)
+    assert len(synced) == 2 and (tmp_path / "a" / "values.npy").read_bytes() == b"new"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["values.npy"]

@@ -113,3 +113,17 @@ def test_the_fused_strategy_gives_the_same_networks_as_one_by_one(tmp_path, smal
     alone = train_many(small_table, output_dir=str(tmp_path / "alone"), strategy="one_by_one", **common)
     assert (fused["status"] == "trained").all() and (fused["iterations_done"] == 2).all()
     np.testing.assert_allclose(fused["val_loss"], alone["val_loss"], rtol=2e-4, atol=2e-5)
+
+
+def test_networks_that_stop_early_leave_their_chains_and_are_reported_stopped(tmp_path, small_table):
+    # A min_delta no loss can beat: the first epoch sets the best, the next two do not improve on it, so
+    # every network stops after 3 of its 4 epochs, in iteration 1 of 3.
+    model = {**MODEL, "epochs_per_iteration": 4, "early_stopping_patience": 2, "early_stopping_min_delta": 1e9}
+    out = tmp_path / "run"
+    results = train_many(small_table, model=model, iterations=3, shard_size=3, output_dir=str(out), n_workers=2,
+                         strategy="fused", progress_bar=False)  # fmt: skip
+    assert (results["status"] == "stopped").all() and (results["iterations_done"] == 1).all()
+    assert results["reason"].str.contains("stopped early after 3 epochs").all()
+    assert results["val_loss"].notna().all()
+    tasks = pd.read_parquet(out / "tasks.parquet")
+    assert set(tasks["iteration"]) == {1}, "a stopped network's later iterations must not be scheduled"
