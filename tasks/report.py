@@ -11,10 +11,12 @@ matplotlib.use("Agg")  # workers and served runs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tasks.results import TRAINED  # noqa: E402
+
 
 def plot_loss_distribution(results: pd.DataFrame, path: Path) -> Path:
     """Histogram of the trained networks' validation losses (log scale)."""
-    trained = results.loc[results["status"].isin(["trained", "stopped"]), "val_loss"].dropna()
+    trained = results.loc[results["status"].isin(TRAINED), "val_loss"].dropna()
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(trained):
         ax.hist(trained.clip(lower=1e-6), bins=min(50, max(5, len(trained) // 10)), log=False)
@@ -26,7 +28,7 @@ def plot_loss_distribution(results: pd.DataFrame, path: Path) -> Path:
 
 def plot_time_by_position(results: pd.DataFrame, path: Path) -> Path:
     """Training seconds per window against start order: a flat cloud means no slowdown."""
-    done = results["status"].isin(["trained", "stopped"])
+    done = results["status"].isin(TRAINED)
     trained = results[done & results["position"].notna() & (results["seconds"] > 0)]
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(trained):
@@ -104,7 +106,7 @@ def summary_markdown(
     if schedule and schedule.get("makespan_seconds") is not None:
         lines += ["", "## Schedule and cost model", "", "| measure | value |", "|---|---|"]
         lines += [f"| {label} | {_fmt(schedule.get(key), unit)} |" for label, key, unit in _SCHEDULE_ROWS]
-    trained = results[results["status"].isin(["trained", "stopped"])]
+    trained = results[results["status"].isin(TRAINED)]
     if len(trained):
         lines += ["", f"Median validation loss {trained['val_loss'].median():.4f} (normalised MSE)."]
         lines += ["", f"## Slowest {min(slowest, len(trained))} networks", "",

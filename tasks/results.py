@@ -13,6 +13,9 @@ from tasks.series import InvalidSeries
 from tasks.storage import atomic_write_bytes
 from tasks.training import IterationResult
 
+# Statuses of networks with trained weights: early-stopped ones count (their losses are real).
+TRAINED = ("trained", "stopped")
+
 RESULT_COLUMNS = [
     "series_id", "status", "reason", "iterations_done", "train_loss", "val_loss", "train_windows",
     "seconds", "task_seconds", "position", "shard_id", "checkpoint", "notes",
@@ -141,7 +144,7 @@ def results_table(
                 shard_id=result.shard_id,
                 checkpoint=outcome.checkpoint,
             )
-            if outcome.status in ("trained", "stopped"):  # stopped: its reason says when and why
+            if outcome.status in TRAINED:  # stopped: its reason says when and why
                 row.update(train_loss=outcome.train_loss, val_loss=outcome.val_loss, reason=outcome.error)
             else:
                 row["reason"] = outcome.error
