@@ -69,11 +69,11 @@ def _cost_model(
     model = CostModel.from_history(history) if history is not None and len(history) else CostModel()
     pending = {}
     for spec, members in group_by_spec(loads).items():
+        windows = [m.train_windows for m in members]
         for strategy in strategies:
             key = (spec.architecture, effective_strategy(spec, strategy), device_kind(device))
             if model.knows(key) or key in pending:
                 continue
-            windows = [m.train_windows for m in members]
             pending[key] = calibrate_task.submit(spec, key[1], device, min(windows), max(windows))
     for key, future in pending.items():
         observations = future.result()

@@ -60,15 +60,14 @@ class FusedMember:
 
 def prepare_member(
     series_id: str, spec: ModelSpec, state: dict | None, output_dir: str, seed: int, iteration: int,
-    template: torch.nn.Module,
+    template: torch.nn.Module, progress: Progress,
 ) -> FusedMember:  # fmt: skip
     """Load one network's data for `iteration` and its state exactly as the one-by-one path would.
 
     `template` is a model of `spec` re-initialised for a network that has no checkpoint yet (the
-    weights, and the generator's state after drawing them, are those `build_model` would give).
+    weights, and the generator's state after drawing them, are those `build_model` would give);
+    `progress` is what its checkpoint says of its epochs and early stopping.
     """
-    from tasks.training import Progress
-
     windows = for_iteration(make_windows(read_values(output_dir, series_id), spec), spec, iteration)
     generator = torch.Generator().manual_seed(seed)
     if state is None:
@@ -76,7 +75,6 @@ def prepare_member(
     else:
         weights, optimizer_state = state["model"], state["optimizer"]
         generator.set_state(state["generator"])
-    progress = Progress.from_metrics(state["metrics"] if state else None, spec, iteration - 1)
     return FusedMember(series_id, windows, generator, weights, optimizer_state, progress)
 
 
@@ -164,6 +162,7 @@ def train_fused_iteration(
     active = torch.ones(k_count, dtype=torch.bool)
     last_loss = torch.full((k_count,), float("nan"))
     errors: dict[str, Exception] = {}
+    watching = spec.early_stopping_patience is not None
     for m in members:
         journal_event(network_dir(output_dir, m.series_id), "start", iteration, worker)
 
@@ -208,7 +207,6 @@ def train_fused_iteration(
         for k in blown.nonzero().flatten().tolist():
             errors[members[k].series_id] = NonFiniteLoss(f"training loss became {float(epoch_loss[k])}")
         active &= ~blown
-        watching = spec.early_stopping_patience is not None
         val_now = validation_losses() if watching else None
         for k in active.nonzero().flatten().tolist():
             members[k].progress.after_epoch(float(val_now[k]) if watching else None, spec)
@@ -259,11 +257,12 @@ def train_fusable_part(
             continue
         if state is not None:
             journal_recovered_done(folder, done)
-            if Progress.from_metrics(state["metrics"], spec, done).stopped:
-                continue  # stopped early: the one-by-one path reports it without training
+        progress = Progress.from_metrics(state["metrics"] if state else None, spec, done)
+        if progress.stopped:
+            continue  # stopped early: the one-by-one path reports it without training
         try:
             members.append(prepare_member(series_id, spec, state, output_dir, network_seed(spec.seed, series_id),
-                                          iteration, template))
+                                          iteration, template, progress))
             notes[series_id] = problems
         except Exception:
             continue
