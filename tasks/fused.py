@@ -96,6 +96,12 @@ def _rows(starts: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch
     return torch.where(real, starts.unsqueeze(1) + offsets, 0), real
 
 
+def _gather(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """flat[rows] for rows of shape (K, batch): (K, batch, d). index_select, not advanced indexing:
+    9x faster here (0.57 vs 5.1 ms for 256 x 128 windows of 32)."""
+    return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, flat.shape[-1])
+
+
 def _masked_mse(pred, target, mask) -> torch.Tensor:
     """Per-network mean squared error over real rows only; (K,). `where`, not a product, so a
     network whose predictions are NaN cannot leak NaN into the others' gradients."""
@@ -116,20 +122,22 @@ def _load_optimizer_states(stacked: StackedNetworks, optimizer: StackedAdam, mem
         )
 
 
-def _optimizer_state_of(stacked: StackedNetworks, optimizer: StackedAdam, k: int, template: dict) -> dict:
-    """Network k's Adam state in torch.optim.Adam's state-dict layout, so any path can resume it."""
-    state = {
-        i: {"step": torch.tensor(float(optimizer.steps[i][k])),
-            "exp_avg": stacked.to_single(optimizer.exp_avgs[i], i, k).cpu(),
-            "exp_avg_sq": stacked.to_single(optimizer.exp_avg_sqs[i], i, k).cpu()}
-        for i in range(len(stacked.params))
-    }  # fmt: skip
-    return {"state": state, "param_groups": template["param_groups"]}
+def _optimizer_states(stacked: StackedNetworks, optimizer: StackedAdam, template: dict) -> list[dict]:
+    """Every network's Adam state in torch.optim.Adam's state-dict layout, so any path can resume it."""
+    count = len(stacked.params)
+    steps = [[torch.tensor(float(s)) for s in optimizer.steps[i].tolist()] for i in range(count)]
+    means = [stacked.to_singles(optimizer.exp_avgs[i], i) for i in range(count)]
+    squares = [stacked.to_singles(optimizer.exp_avg_sqs[i], i) for i in range(count)]
+    return [
+        {"state": {i: {"step": steps[i][k], "exp_avg": means[i][k], "exp_avg_sq": squares[i][k]} for i in range(count)},
+         "param_groups": template["param_groups"]}
+        for k in range(len(steps[0]))
+    ]  # fmt: skip
 
 
 def train_fused_iteration(
     members: list[FusedMember], spec: ModelSpec, iteration: int, output_dir: str, device: str, worker: str,
-    template: torch.nn.Module | None = None,
+    template: torch.nn.Module, writers: CheckpointWriters,
 ) -> dict[str, tuple[float, float, int, float] | Exception]:
     """Train iteration `iteration` of `members` together and checkpoint each network.
 
@@ -137,6 +145,10 @@ def train_fused_iteration(
     failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint. Each
     member's `progress` is updated: a network that stops early is masked out of the remaining
     steps and checkpointed where it stopped, as it would have been alone.
+
+    Checkpoints are written from `writers` (CheckpointWriters), which also journals each
+    member's start: the call returns before they are on disk, and the caller must leave `writers`
+    (which waits for every write and re-raises a failed one) before reporting them.
     """
     from tasks.training import NonFiniteLoss, save_iteration  # imported here: tasks.training imports this module
 
@@ -145,7 +157,6 @@ def train_fused_iteration(
     # each step computes only those (no work on networks that have finished their epoch).
     members = sorted(members, key=lambda m: -m.windows.x_train.shape[0])
     k_count = len(members)
-    template = template if template is not None else build_model(spec)
     stacked = stack(spec.architecture, [m.weights for m in members], template).to(device)
     optimizer = StackedAdam(stacked.parameters(), lr=spec.learning_rate)
     _load_optimizer_states(stacked, optimizer, members)
@@ -163,15 +174,13 @@ def train_fused_iteration(
     last_loss = torch.full((k_count,), float("nan"))
     errors: dict[str, Exception] = {}
     watching = spec.early_stopping_patience is not None
-    for m in members:
-        journal_event(network_dir(output_dir, m.series_id), "start", iteration, worker)
 
     def validation_losses() -> torch.Tensor:
         stacked.eval()
         with torch.no_grad():
             with spec.autocast(device):
-                prediction = stacked(x_val[val_idx])
-            return _masked_mse(prediction.float(), y_val[val_idx], val_real).cpu()
+                prediction = stacked(_gather(x_val, val_idx))
+            return _masked_mse(prediction.float(), _gather(y_val, val_idx), val_real).cpu()
 
     for _ in range(spec.epochs_per_iteration):
         if not active.any():
@@ -192,8 +201,8 @@ def train_fused_iteration(
             window = slice(s * batch, (s + 1) * batch)
             idx, real = order[:upto, window], in_epoch[:upto, window]
             with spec.autocast(device):
-                prediction = stacked(x_train[idx], upto)
-            losses = _masked_mse(prediction.float(), y_train[idx], real)
+                prediction = stacked(_gather(x_train, idx), upto)
+            losses = _masked_mse(prediction.float(), _gather(y_train, idx), real)
             optimizer.zero_grad()
             losses.sum().backward()
             if spec.grad_clip is not None:
@@ -214,23 +223,56 @@ def train_fused_iteration(
     val_losses = validation_losses()
     seconds = (time.perf_counter() - started) / k_count  # the shared time, split evenly
     results: dict[str, tuple[float, float, int, float] | Exception] = dict(errors)
-    # Checkpoints are written from a few threads: each one's fsync waits on the disk with the GIL
-    # released, so the next is pickled meanwhile. Every network has its own folder; result() re-raises.
-    with ThreadPoolExecutor(max_workers=CHECKPOINT_WRITERS) as writers:
-        pending = []
-        for k, m in enumerate(members):
-            if m.series_id in errors:
-                continue
-            metrics = {"train_loss": float(last_loss[k]), "val_loss": float(val_losses[k]),
-                       "train_windows": int(counts[k]), **m.progress.as_metrics()}  # fmt: skip
-            pending.append(writers.submit(
-                save_iteration, network_dir(output_dir, m.series_id), iteration, spec, stacked.state_dict_of(k),
-                _optimizer_state_of(stacked, optimizer, k, adam_layout), m.generator, metrics, m.windows, worker,
-            ))  # fmt: skip
-            results[m.series_id] = (metrics["train_loss"], metrics["val_loss"], metrics["train_windows"], seconds)
-        for future in pending:
-            future.result()
+    weights, optimizer_states = stacked.state_dicts(), _optimizer_states(stacked, optimizer, adam_layout)
+    for k, m in enumerate(members):
+        if m.series_id in errors:
+            continue
+        metrics = {"train_loss": float(last_loss[k]), "val_loss": float(val_losses[k]),
+                   "train_windows": int(counts[k]), **m.progress.as_metrics()}  # fmt: skip
+        writers.write(
+            save_iteration, network_dir(output_dir, m.series_id), iteration, spec, weights[k], optimizer_states[k],
+            m.generator, metrics, m.windows, worker,
+        )  # fmt: skip
+        results[m.series_id] = (metrics["train_loss"], metrics["val_loss"], metrics["train_windows"], seconds)
     return results
+
+
+class CheckpointWriters(ThreadPoolExecutor):
+    """Threads that write a fused shard's checkpoints while it trains on; leaving waits for every write.
+
+    Each fsync waits on the disk with the GIL released, so the next checkpoint is serialised
+    meanwhile, and a group's checkpoints are written while the next group trains. Every network
+    has its own folder. On leaving, a write that failed is re-raised: nothing is reported trained
+    that is not on disk.
+    """
+
+    def __init__(self):
+        super().__init__(max_workers=CHECKPOINT_WRITERS, thread_name_prefix="manynets-checkpoint")
+        self.pending: list = []
+        self._before = None
+
+    def first(self, job) -> None:
+        """Run `job` before any write submitted after this call (e.g. journaling the starts)."""
+        self._before = self.submit(job)
+        self.pending.append(self._before)
+
+    def write(self, job, *args) -> None:
+        """Run job(*args) in a writer thread once the `first` job is done; its failure re-raises on leaving."""
+        before = self._before
+
+        def run():
+            if before is not None:
+                before.result()
+            return job(*args)
+
+        self.pending.append(self.submit(run))
+
+    def __exit__(self, *exc_info):
+        super().__exit__(*exc_info)
+        if exc_info[0] is None:
+            for future in self.pending:
+                future.result()
+        return False
 
 
 def train_fusable_part(
@@ -273,9 +315,14 @@ def train_fusable_part(
     members.sort(key=lambda m: -m.windows.x_train.shape[0])
     trained: dict = {}
     width = fused_width(spec.architecture, device) or len(members)
-    for start in range(0, len(members), width):
-        group = members[start : start + width]
-        trained.update(train_fused_iteration(group, spec, iteration, output_dir, device, worker, template))
+    with CheckpointWriters() as writers:
+        # Journaled by a writer thread while the first group trains: creating 1660 journal files
+        # took 1.2 s of the training thread here. Checkpoint writes wait for it (start before done).
+        writers.first(lambda: [journal_event(network_dir(output_dir, m.series_id), "start", iteration, worker)
+                               for m in members])  # fmt: skip
+        for start in range(0, len(members), width):
+            group = members[start : start + width]
+            trained.update(train_fused_iteration(group, spec, iteration, output_dir, device, worker, template, writers))
     for series_id, result in trained.items():
         if isinstance(result, Exception):
             outcomes[series_id] = failed_outcome(series_id, output_dir, iteration - 1,

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
-CHECKPOINT_MAGIC = b"MANYNETS-CKPT-1\n"
+CHECKPOINT_MAGIC = b"MANYNETS-CKPT-2\n"  # body: safetensors
+_TORCH_SAVE_MAGIC = b"MANYNETS-CKPT-1\n"  # body: torch.save (runs trained before format 2)
 _CHECKPOINT_NAME = re.compile(r"^iter-(\d{5,})\.ckpt$")
 
 
@@ -84,31 +86,76 @@ def atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None
         os.close(dir_fd)
 
 
+def _split_tensors(value, tensors: dict[str, torch.Tensor]):
+    """`value` as JSON with each tensor replaced by a reference into `tensors` (dict keys and tuples kept exact)."""
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"$tensor": name}
+    if isinstance(value, dict):
+        return {"$dict": [[key, _split_tensors(item, tensors)] for key, item in value.items()]}
+    if isinstance(value, tuple):
+        return {"$tuple": [_split_tensors(item, tensors) for item in value]}
+    if isinstance(value, list):
+        return [_split_tensors(item, tensors) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint holds tensors, numbers, strings, lists, tuples, dicts; not {type(value).__name__}")
+
+
+def _join_tensors(value, tensors: dict[str, torch.Tensor]):
+    """The inverse of _split_tensors."""
+    if isinstance(value, list):
+        return [_join_tensors(item, tensors) for item in value]
+    if isinstance(value, dict):
+        if "$tensor" in value:
+            return tensors[value["$tensor"]]
+        if "$tuple" in value:
+            return tuple(_join_tensors(item, tensors) for item in value["$tuple"])
+        return {key: _join_tensors(item, tensors) for key, item in value["$dict"]}
+    return value
+
+
+def _safetensors_metadata(body: bytes) -> dict:
+    """The `__metadata__` of a safetensors body (format: 8-byte little-endian header size, JSON header)."""
+    size = int.from_bytes(body[:8], "little")
+    return json.loads(body[8 : 8 + size]).get("__metadata__", {})
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write `state` (tensors, numbers, strings, lists, dicts) with a SHA-256 header, atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    body = buffer.getvalue()
+    """Write `state` (tensors, numbers, strings, lists, tuples, dicts) with a SHA-256 header, atomically.
+
+    The body is safetensors (the tensors) with the rest of `state` as JSON in its metadata: nothing
+    is pickled, and it saves 1.6x and loads 16x faster than torch.save here (0.37 / 0.11 ms vs 0.59 /
+    1.75 ms for one network's checkpoint), which a fleet pays once per network per iteration.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_split_tensors(state, tensors))
+    body = safetensors.torch.save(tensors, metadata={"manynets": skeleton})
     atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint written by save_checkpoint, refusing anything torn, altered or foreign.
 
-    Loads with `weights_only=True`: no arbitrary object is ever unpickled. Raises CheckpointError.
+    Never unpickles: safetensors bodies, and checkpoints of the first format (torch.save) with
+    `weights_only=True`. Raises CheckpointError.
     """
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    magic = next((m for m in (CHECKPOINT_MAGIC, _TORCH_SAVE_MAGIC) if raw.startswith(m)), None)
     header_end = len(CHECKPOINT_MAGIC) + 65
-    if not raw.startswith(CHECKPOINT_MAGIC) or len(raw) < header_end:
+    if magic is None or len(raw) < header_end:
         raise CheckpointError(f"{path} is not a manynets checkpoint (bad header or truncated)")
-    digest, body = raw[len(CHECKPOINT_MAGIC) : header_end - 1].decode(errors="replace"), raw[header_end:]
+    digest, body = raw[len(magic) : header_end - 1].decode(errors="replace"), raw[header_end:]
     if hashlib.sha256(body).hexdigest() != digest:
         raise CheckpointError(f"{path} failed its checksum: the file is truncated or corrupted")
     try:
-        return torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+        if magic == _TORCH_SAVE_MAGIC:
+            return torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+        return _join_tensors(json.loads(_safetensors_metadata(body)["manynets"]), safetensors.torch.load(body))
     except Exception as exc:
         raise CheckpointError(f"{path} passed its checksum but cannot be loaded: {exc}") from exc
 

@@ -215,3 +215,27 @@ def test_fused_groups_are_capped_on_cpu_only_and_narrower_for_recurrent_and_atte
 
     assert fused_width("mlp", "cuda") is None and fused_width("gru", "cuda:0") is None
     assert fused_width("lstm", "cpu") == fused_width("transformer", "cpu") == 16 < fused_width("mlp", "cpu")
+
+
+def test_a_failed_checkpoint_write_fails_the_task_after_the_other_writes_and_journals_every_start(ragged, monkeypatch):
+    # Checkpoints are written in background threads while later groups train; a write that fails
+    # must still fail the task (Prefect retries it), never be reported trained.
+    import tasks.fused
+    import tasks.training
+    from tasks.storage import read_journal
+
+    root, ids = ragged
+    monkeypatch.setattr(tasks.fused, "fused_width", lambda architecture, device: 2)
+    real_save = tasks.training.save_iteration
+
+    def save_or_fail(folder, *args):
+        if folder == network_dir(root / "fused", "n2"):
+            raise OSError("No space left on device")
+        real_save(folder, *args)
+
+    monkeypatch.setattr(tasks.training, "save_iteration", save_or_fail)
+    with pytest.raises(OSError, match="No space"):
+        train_shard_iteration(0, ids, SPEC, 1, str(root / "fused"), strategy="fused")
+    for sid in ids:
+        events = [(e["event"], e["iteration"]) for e in read_journal(network_dir(root / "fused", sid))]
+        assert events == ([("start", 1)] if sid == "n2" else [("start", 1), ("done", 1)])

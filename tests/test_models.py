@@ -83,6 +83,33 @@ def test_stacked_networks_compute_each_network_exactly_as_alone(architecture):
         for index, (key, param) in enumerate(zip(stacked.keys, stacked.params)):
             torch.testing.assert_close(stacked.to_single(param.grad, index, k), grads[key], rtol=1e-4, atol=1e-5)
         assert all(torch.equal(v, network.state_dict()[key]) for key, v in stacked.state_dict_of(k).items())
+    for k, weights in enumerate(stacked.state_dicts()):  # all at once, each in its own storage
+        assert list(weights) == list(networks[k].state_dict())
+        assert all(torch.equal(v, networks[k].state_dict()[key]) and v.untyped_storage().nbytes() == v.nbytes
+                   for key, v in weights.items())  # fmt: skip
+
+
+def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_alone():
+    spec = ModelSpec(hidden=8, layers=1, window=6, horizon=2)
+    networks = [build_model(spec, torch.Generator().manual_seed(k)) for k in range(3)]
+    stacked = stack("mlp", networks)
+    optimizer = StackedAdam(stacked.parameters(), lr=1e-2)
+    optimizers = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in networks]
+    x = torch.randn(3, 5, 6)
+    # Steps 1-3 with everyone (the in-place path), step 4 with network 1 masked out (the masked path).
+    for active in ([True] * 3, [True] * 3, [True] * 3, [True, False, True]):
+        optimizer.zero_grad()
+        stacked(x).pow(2).sum().backward()
+        optimizer.step(torch.tensor(active))
+        for k, (network, single) in enumerate(zip(networks, optimizers)):
+            if active[k]:
+                single.zero_grad()
+                network(x[k]).pow(2).sum().backward()
+                single.step()
+    for k, weights in enumerate(stacked.state_dicts()):
+        for key, value in networks[k].state_dict().items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
+    assert optimizer.steps[0].tolist() == [4.0, 3.0, 4.0]
 
 
 def test_stacked_clipping_scales_each_network_by_its_own_norm():

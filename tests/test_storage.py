@@ -30,6 +30,41 @@ def test_checkpoint_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["iter-00003.ckpt"]  # no temporary file left
 
 
+def test_checkpoint_keeps_an_optimizer_state_dict_exactly(tmp_path):
+    # Adam's state dict has int keys, tuples, 0-dim tensors; metrics may hold inf. All must come back
+    # as they were, or a resumed optimizer would not load or would differ.
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "generator": torch.Generator().manual_seed(3).get_state(),
+             "metrics": {"best": float("inf"), "stopped": False, "note": None}, "shapes": [1, (2, 3)]}  # fmt: skip
+    save_checkpoint(tmp_path / "iter-00001.ckpt", state)
+    loaded = load_checkpoint(tmp_path / "iter-00001.ckpt")
+    assert loaded["metrics"] == state["metrics"] and loaded["shapes"] == [1, (2, 3)]
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert set(loaded["optimizer"]["state"]) == {0, 1}
+    for i, saved in state["optimizer"]["state"].items():
+        for key, tensor in saved.items():
+            back = loaded["optimizer"]["state"][i][key]
+            assert torch.equal(back, tensor) and back.shape == tensor.shape
+    assert torch.equal(loaded["generator"], state["generator"])
+    torch.optim.Adam(model.parameters(), lr=0.1).load_state_dict(loaded["optimizer"])
+
+
+def test_checkpoints_of_the_first_format_still_load(tmp_path):
+    # Runs trained before the safetensors body wrote a torch.save body under format 1's magic.
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "iteration": 1}, buffer)
+    body = buffer.getvalue()
+    path = tmp_path / "iter-00001.ckpt"
+    path.write_bytes(b"MANYNETS-CKPT-1\n" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
 def test_damaged_checkpoints_are_detected(tmp_path, damage):
     path = tmp_path / "iter-00001.ckpt"
