@@ -9,17 +9,20 @@ Three ways, in one process and one thread, on the first N bundled series (defaul
 With --short, instead: the short-series fleet (3000 series of 20-150 points, window 8, horizon 2),
 timed end to end: `train_many` from call to results (Prefect, a LocalCluster of 2 workers, staging,
 checkpoints and reports included; strategy fused) against the plain loop, at 10 and 100 epochs.
+With --every-core, also the whole machine: the plain loop at PyTorch's default thread count
+against the fused engine on one single-threaded Dask worker per core, one shard each.
 Achieved FLOP/s counts 3 x the forward multiply-adds x 2 per training sample (forward + backward)
 and is set against the peak of a float32 batched matmul measured in the same run.
 Prints a table and writes benchmarks/results/fused_vs_loop.json (or fused_short_series.json).
 Run: `python -m benchmarks.fused_vs_loop [--architectures mlp lstm gru transformer] [--sizes 64 256 1660]
-[--epochs 5] [--other-epochs 1] [--short]`.
+[--epochs 5] [--other-epochs 1] [--every-core] [--short]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +87,30 @@ def engine(series, spec: ModelSpec, strategy: str) -> float:
     return seconds
 
 
+def engine_on_every_core(series, spec: ModelSpec, workers: int) -> float:
+    """The fused engine on every core: one single-threaded Dask worker per core (as train_many's local
+    cluster), one shard each. Timed from submitting to all checkpoints written; the cluster's start
+    and PyTorch's warm-up on each worker (train_many pays them once per run) are not included."""
+    import distributed
+
+    from flows.cluster import TorchWarmup, fast_worker_allocations
+
+    ids = [s.series_id for s in series]
+    with tempfile.TemporaryDirectory(prefix="manynets-cores-") as scratch, fast_worker_allocations(), distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:  # fmt: skip
+        client.register_plugin(TorchWarmup())
+        for item in series:
+            stage_values(scratch, item.series_id, item.values)
+        started = time.perf_counter()
+        futures = [client.submit(train_shard_iteration, w, ids[w::workers], spec, 1, scratch, strategy="fused",
+                                 pure=False) for w in range(workers)]  # fmt: skip
+        results = client.gather(futures)
+        seconds = time.perf_counter() - started
+    assert sum(n.status == "trained" for r in results for n in r.networks) == len(ids)
+    return seconds
+
+
 def short_series(epoch_counts: list[int], n_series: int, shard_size: int) -> None:
     """The short-series fleet end to end: train_many (fused) against the plain loop."""
     from data.generate import generate_table
@@ -130,11 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--short-series", type=int, default=3000)
     parser.add_argument("--short-epochs", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--shard-size", type=int, default=250, help="with --short: networks per task")
+    parser.add_argument("--every-core", action="store_true",
+                        help="also: the plain loop at PyTorch's default threads vs the fused engine on one worker per core")  # fmt: skip
     parser.add_argument("--output", default="fused_vs_loop.json", help="file name under benchmarks/results")
     args = parser.parse_args(argv)
     if args.short:
         short_series(args.short_epochs, args.short_series, args.shard_size)
         return
+    default_threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     torch.set_num_threads(1)  # as on a Dask worker: parallelism comes from workers, not threads
     table = load_table(BUNDLED_SERIES)
     warm_up()
@@ -152,7 +182,14 @@ def main(argv: list[str] | None = None) -> None:
             loop = plain_loop(series, spec)
             one_by_one = engine(series, spec, "one_by_one")
             fused = engine(series, spec, "fused")
-            rows.append({"architecture": architecture, "epochs": epochs, "networks": n, "samples": samples,
+            machine = {}
+            if args.every_core:
+                torch.set_num_threads(default_threads)
+                machine["plain_loop_default_threads_s"] = plain_loop(series, spec)
+                torch.set_num_threads(1)
+                machine["fused_every_core_s"] = engine_on_every_core(series, spec, cores)
+                machine["every_core_speedup"] = machine["plain_loop_default_threads_s"] / machine["fused_every_core_s"]
+            rows.append({**machine, "architecture": architecture, "epochs": epochs, "networks": n, "samples": samples,
                          "plain_loop_s": loop, "one_by_one_s": one_by_one, "fused_s": fused,
                          "fused_samples_per_s": samples / fused, "fused_speedup_vs_loop": loop / fused,
                          "one_by_one_speedup_vs_loop": loop / one_by_one, "fused_gflops": flop / fused / 1e9,
@@ -169,10 +206,20 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['one_by_one_speedup_vs_loop']:.2f}x", f"{r['fused_gflops']:.2f}",
                      f"{100 * r['fused_share_of_peak']:.1f}%")  # fmt: skip
     Console(width=170).print(view)
+    if args.every_core:
+        view = Table(title=f"The whole machine: the plain loop at PyTorch's default {default_threads} threads vs "
+                           f"the fused engine on {cores} single-threaded workers")  # fmt: skip
+        for column in ("arch", "networks", "plain loop s", "fused, every core s", "speedup"):
+            view.add_column(column, justify="right")
+        for r in rows:
+            view.add_row(r["architecture"], str(r["networks"]), f"{r['plain_loop_default_threads_s']:.1f}",
+                         f"{r['fused_every_core_s']:.1f}", f"{r['every_core_speedup']:.2f}x")  # fmt: skip
+        Console(width=170).print(view)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.output).write_text(json.dumps(
         {"benchmark": "fused_vs_loop", "peak_bmm_gflops": peak / 1e9, "threads": 1,
-         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))  # fmt: skip
+         "default_threads": default_threads, "cores": cores, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+         "rows": rows}, indent=2))  # fmt: skip
     print(f"wrote {RESULTS / args.output}")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
+import dask
 import distributed
 import torch
 from prefect.client.orchestration import get_client
@@ -14,6 +16,24 @@ from prefect_dask import DaskTaskRunner
 
 from tasks.training import warm_up
 
+logger = logging.getLogger(__name__)
+
+
+# Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536 so that memory goes back to
+# the OS. Setting any glibc malloc threshold also switches off glibc's dynamic mmap threshold, so
+# every tensor over 128 KiB is mmap'd, page-faulted and unmapped afresh at every step: one fused
+# shard (250 short series, 100 epochs) trained in 4.2 s that way against 2.6 s without. A fixed
+# mmap threshold at the dynamic one's ceiling (32 MiB) gives the speed back and keeps the trimming.
+WORKER_MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+
+
+@contextmanager
+def fast_worker_allocations() -> Iterator[None]:
+    """While inside, LocalCluster workers start with WORKER_MALLOC_ENVIRONMENT (read when a nanny spawns one)."""
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": value
+                          for key, value in WORKER_MALLOC_ENVIRONMENT.items()}):  # fmt: skip
+        yield
+
 
 class TorchWarmup(distributed.WorkerPlugin):
     """Warms PyTorch up on every worker as it joins, so no network pays for it."""
@@ -21,6 +41,12 @@ class TorchWarmup(distributed.WorkerPlugin):
     name = "manynets-torch-warmup"
 
     def setup(self, worker: distributed.Worker) -> None:
+        if os.environ.get("MALLOC_TRIM_THRESHOLD_") and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+            logger.warning(
+                "worker %s runs with MALLOC_TRIM_THRESHOLD_ set and no MALLOC_MMAP_THRESHOLD_: training will be "
+                "up to 1.6x slower; start workers with MALLOC_MMAP_THRESHOLD_=%s in their environment",
+                worker.address, WORKER_MALLOC_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"],
+            )  # fmt: skip
         warm_up()
 
 

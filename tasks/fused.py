@@ -35,15 +35,15 @@ def fused_width(architecture: str, device: str) -> int | None:
     Measured on this 2-core CPU, one thread. Per network, wide groups stop paying once activations
     outgrow the cache: stacked GRUs were 1.5x cheaper than a loop at 16 networks and no cheaper at
     64, the Transformer's best was 4-16 (`python -m benchmarks.stacking`); one fused iteration of
-    1660 MLPs took 18.1 s in one group, 15.9 s in groups of 256, 17.2 s in groups of 64 and 22.5 s in
-    groups of 16 (`python -m benchmarks.fused_width`). The recurrent and attention cap also keeps
-    those fused tasks within the widths calibration times (tasks/calibration.py), so the strategy
-    choice does not rest on extrapolation. A GPU wants the widest batch it can get: no cap. A wider
-    shard trains as consecutive groups, longest networks together.
+    1660 MLPs took 11.1 s in groups of 512, 10.2 s of 256, 9.8 s of 128, 10.8 s of 64 and 11.9 s of
+    32 (`python -m benchmarks.fused_width --widths 512 256 128 64 32`). The recurrent and attention
+    cap also keeps those fused tasks within the widths calibration times (tasks/calibration.py), so
+    the strategy choice does not rest on extrapolation. A GPU wants the widest batch it can get: no
+    cap. A wider shard trains as consecutive groups, longest networks together.
     """
     if device.startswith("cuda"):
         return None
-    return 256 if architecture == "mlp" else 16
+    return 128 if architecture == "mlp" else 16
 
 
 @dataclass

@@ -127,3 +127,22 @@ def test_device_auto_is_cpu_without_cuda_and_cuda_is_refused_where_there_is_none
     assert resolve_device("cpu", None) == "cpu"
     with pytest.raises(ValueError, match="no CUDA device"):
         resolve_device("cuda", None)
+
+
+def test_local_workers_start_with_a_fixed_mmap_threshold(monkeypatch):
+    # Dask's default MALLOC_TRIM_THRESHOLD_ alone made every training step page-fault its tensors afresh.
+    import os
+
+    import dask
+    import distributed
+
+    from flows.cluster import WORKER_MALLOC_ENVIRONMENT, fast_worker_allocations
+
+    assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]  # what it corrects
+    # A nanny also writes its pre-spawn environment into its own process: start from a clean one.
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with fast_worker_allocations(), distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:  # fmt: skip
+        seen = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    assert list(seen.values()) == [WORKER_MALLOC_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"]]

@@ -74,6 +74,15 @@ def test_shards_of_several_networks_train_and_a_rerun_redoes_nothing(tmp_path, s
     assert tasks["trained"].sum() == 0 and tasks["skipped"].sum() == 6
     assert (again["seconds"] == 0).all()
     np.testing.assert_array_equal(again["val_loss"], first["val_loss"])
+    # The DataFrame parameter is recorded by its shape, not encoded cell by cell.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-many-run"])))
+    assert runs and all(r.parameters["data"] == f"<DataFrame: {len(small_table)} rows, columns series_id, "
+                        "timestamp, value>" for r in runs)  # fmt: skip
+    assert runs[0].parameters["iterations"] == 1 and runs[0].parameters["model"]["hidden"] == 8
 
 
 def test_more_iterations_later_continue_from_the_checkpoints(tmp_path, small_table):
