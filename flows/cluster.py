@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
+from models.spec import ARCHITECTURES
 from tasks.training import warm_up
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ def fast_worker_allocations() -> Iterator[None]:
 
 
 class TorchWarmup(distributed.WorkerPlugin):
-    """Warms PyTorch up on every worker as it joins, so no network pays for it."""
+    """Warms PyTorch up for `architectures` on every worker as it joins, so no network pays for it."""
 
     name = "manynets-torch-warmup"
+
+    def __init__(self, architectures: tuple[str, ...] = ARCHITECTURES):
+        self.architectures = tuple(architectures)
 
     def setup(self, worker: distributed.Worker) -> None:
         if os.environ.get("MALLOC_TRIM_THRESHOLD_") and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
@@ -47,7 +51,7 @@ class TorchWarmup(distributed.WorkerPlugin):
                 "up to 1.6x slower; start workers with MALLOC_MMAP_THRESHOLD_=%s in their environment",
                 worker.address, WORKER_MALLOC_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"],
             )  # fmt: skip
-        warm_up()
+        warm_up(architectures=self.architectures)
 
 
 class ClusterUnreachable(ConnectionError):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 FUSABLE = ARCHITECTURES
 CHECKPOINT_WRITERS = 4
+_NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
 def fused_width(architecture: str, device: str) -> int | None:
@@ -188,15 +189,18 @@ def train_fused_iteration(
         stacked.train()
         optimizer.lr = torch.tensor([spec.learning_rate_at(m.progress.epochs_trained) for m in members],
                                     dtype=torch.float64)  # fmt: skip
-        steps = int((counts[active].max() + batch - 1) // batch)
-        order = torch.zeros(k_count, steps * batch, dtype=torch.long)
-        for k, m in enumerate(members):  # each network shuffles with its own generator, as alone
-            if active[k]:
-                order[k, : counts[k]] = torch.randperm(int(counts[k]), generator=m.generator)
+        # Columns up to the longest active network only: a step never computes rows no network has
+        # (the last step of a short group is as wide as its longest remainder, not a whole batch).
+        longest = int(counts[active].max())
+        # Each network shuffles with its own generator, as alone; one that no longer trains draws nothing.
+        order = torch.nn.utils.rnn.pad_sequence(
+            [torch.randperm(n, generator=m.generator) if on else _NO_ROWS
+             for m, n, on in zip(members, counts.tolist(), active.tolist())], batch_first=True,
+        )  # fmt: skip
         order = order.to(device) + train_starts.unsqueeze(1)  # global rows; padding is masked out
-        in_epoch = ((torch.arange(steps * batch).unsqueeze(0) < counts.unsqueeze(1)) & active.unsqueeze(1)).to(device)
+        in_epoch = ((torch.arange(longest).unsqueeze(0) < counts.unsqueeze(1)) & active.unsqueeze(1)).to(device)
         total = torch.zeros(k_count, device=device)
-        for s in range(steps):
+        for s in range((longest + batch - 1) // batch):
             upto = int((counts > s * batch).sum())
             window = slice(s * batch, (s + 1) * batch)
             idx, real = order[:upto, window], in_epoch[:upto, window]
