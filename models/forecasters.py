@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,6 +27,19 @@ class MLPForecaster(nn.Module):
         return self.net(window)
 
 
+def float32_recurrence(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off around an LSTM/GRU stack on a CPU whose oneDNN has no bfloat16 kernels.
+
+    There, under bf16 autocast, nn.LSTM raises ("could not create a primitive descriptor for the
+    LSTM forward propagation primitive"), so the recurrence runs in float32 and the layers around
+    it stay in bf16. The stacked models use the same rule, so both strategies compute alike.
+    """
+    if (device_type == "cpu" and torch.is_autocast_enabled("cpu")
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):  # fmt: skip
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
+
+
 class _RecurrentForecaster(nn.Module):
     """A recurrent layer stack over the window, its last hidden state mapped to the horizon.
 
@@ -43,7 +57,8 @@ class _RecurrentForecaster(nn.Module):
         self.head = nn.Linear(spec.hidden, spec.horizon)
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:  # (batch, window) -> (batch, horizon)
-        out, _ = getattr(self, self.name)(window.unsqueeze(-1))
+        with float32_recurrence(window.device.type):
+            out, _ = getattr(self, self.name)(window.unsqueeze(-1))
         return self.head(out[:, -1, :])
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.forecasters import float32_recurrence
+
 
 class StackedNetworks(nn.Module):
     """Base: the parameters of K single networks, stacked, in their single `named_parameters` order.
@@ -108,6 +110,12 @@ class _StackedRecurrent(StackedNetworks):
         k, batch, steps = x.shape
         layers = sum(key.startswith(f"{self.module}.weight_ih_l") for key in self.keys)
         seq = x.reshape(k, batch * steps, 1)  # (K, batch*time, features), batch-major like batch_first
+        with float32_recurrence(x.device.type):
+            outputs = self._layers(seq, k, batch, steps, layers, upto)
+        return self.linear(outputs[-1], "head", upto)
+
+    def _layers(self, seq, k: int, batch: int, steps: int, layers: int, upto: int | None) -> list[torch.Tensor]:
+        """The last layer's hidden state at every step, (K, batch, hidden) each."""
         for layer in range(layers):
             suffix = f"_l{layer}"
             # All time steps' input projections at once; time-major so each step reads a contiguous block.
@@ -118,7 +126,7 @@ class _StackedRecurrent(StackedNetworks):
                                      self.p(f"{self.module}.bias_hh{suffix}", upto))  # fmt: skip
             if layer < layers - 1:
                 seq = torch.stack(outputs, dim=2).reshape(k, batch * steps, -1)
-        return self.linear(outputs[-1], "head", upto)
+        return outputs
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
         """Every step's hidden state (K, batch, hidden) given projected inputs (time, K, batch, gates)."""
