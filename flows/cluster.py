@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -12,7 +13,6 @@ import distributed
 import torch
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_dask import DaskTaskRunner
 
 from models.spec import ARCHITECTURES
 from tasks.training import warm_up
@@ -111,17 +111,12 @@ def local_worker_count(n_workers: int | None, device: str = "cpu") -> int:
     return n_workers
 
 
-def make_task_runner(
-    cluster_address: str | None, n_workers: int | None = None, device: str = "cpu"
-) -> DaskTaskRunner:  # fmt: skip
-    """A DaskTaskRunner on the scheduler at `cluster_address`, or on a fresh LocalCluster.
+def local_cluster_kwargs(n_workers: int | None, device: str) -> dict:
+    """LocalCluster arguments: one single-threaded worker process per core (or per GPU for CUDA work).
 
-    The LocalCluster has one single-threaded worker process per core: the networks are small, so
-    parallelism comes from running many at once, not from threads inside one. For CUDA work it
-    has one worker per GPU, each declaring the `GPU` resource the tasks ask for.
+    The networks are small, so parallelism comes from running many at once, not from threads
+    inside one. For CUDA work each worker declares the `GPU` resource the tasks ask for.
     """
-    if cluster_address:
-        return DaskTaskRunner(address=cluster_address)
     kwargs = {
         "n_workers": local_worker_count(n_workers, device),
         "threads_per_worker": 1,
@@ -130,7 +125,52 @@ def make_task_runner(
     }
     if device.startswith("cuda"):
         kwargs["resources"] = {"GPU": 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return kwargs
+
+
+class LocalClusterInBackground:
+    """A LocalCluster started from a thread, so that its workers spawn, import PyTorch and warm up
+    while the flow validates and stages the data (about 3 s of a run's fixed cost here).
+
+    `address()` waits for it; `close()` shuts it down (`wait=False` starts that and returns, so the
+    report is written meanwhile; a later `close()` waits). Arguments are checked at once.
+    """
+
+    def __init__(self, n_workers: int | None, device: str, architectures: tuple[str, ...]):
+        kwargs = local_cluster_kwargs(n_workers, device)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manynets-local-cluster")
+        self._cluster = self._thread.submit(self._start, kwargs, architectures)
+        self._closing = None
+
+    @staticmethod
+    def _start(kwargs: dict, architectures: tuple[str, ...]) -> distributed.LocalCluster:
+        with fast_worker_allocations():
+            cluster = distributed.LocalCluster(**kwargs)
+        try:
+            with distributed.Client(cluster) as client:
+                client.register_plugin(TorchWarmup(architectures))
+        except BaseException:
+            cluster.close()
+            raise
+        return cluster
+
+    def address(self) -> str:
+        """The scheduler's address, once the cluster is up (re-raises if it could not start)."""
+        return self._cluster.result().scheduler_address
+
+    def _close(self) -> None:
+        try:
+            cluster = self._cluster.result()
+        except Exception:
+            return  # it never started; address() has reported why
+        cluster.close()
+
+    def close(self, wait: bool = True) -> None:
+        if self._closing is None:
+            self._closing = self._thread.submit(self._close)
+        if wait:
+            self._closing.result()
+            self._thread.shutdown()
 
 
 @contextmanager

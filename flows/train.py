@@ -10,16 +10,11 @@ import pandas as pd
 from prefect import Flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect_dask import DaskTaskRunner
 from pydantic import WithJsonSchema
 
 from data import BUNDLED_SERIES
-from flows.cluster import (
-    check_scheduler,
-    fast_worker_allocations,
-    make_task_runner,
-    resolve_device,
-    workers_report_to_this_api,
-)
+from flows.cluster import LocalClusterInBackground, check_scheduler, resolve_device, workers_report_to_this_api
 from flows.shard_chains import train_shards
 from models import ModelSpec
 from models.spec import ARCHITECTURES
@@ -132,7 +127,27 @@ def train_many(
     device = resolve_device(device, cluster_address)
     logger.info("training on %s", device)
     claim_run_dir(out, spec.model_dump(), spec.fingerprint())
+    # Started now rather than when the shards are: its workers spawn and warm up while the data is
+    # validated and staged.
+    local = None
+    if not cluster_address:
+        local = LocalClusterInBackground(n_workers, device, tuple(sorted({spec.architecture, *architectures.values()})))
+    try:
+        return _train_and_report(
+            table, spec, architectures, out, iterations, shard_size, cluster_address or local, device, progress_bar,
+            strategy, priorities,
+        )  # fmt: skip
+    finally:
+        if local is not None:
+            local.close()
 
+
+def _train_and_report(
+    table, spec: ModelSpec, architectures: dict[str, str], out: Path, iterations: int, shard_size, cluster,
+    device: str, progress_bar: bool, strategy: str, priorities: bool,
+) -> pd.DataFrame:  # fmt: skip
+    """train_many's body once the run dir is claimed; `cluster` is an address or a LocalClusterInBackground."""
+    logger = get_run_logger()
     valid, invalid = validate_series_task(table, spec)
     logger.info("%d series to train, %d invalid", len(valid), len(invalid))
     stage_series_task(valid, str(out))
@@ -142,13 +157,16 @@ def train_many(
 
     iteration_results, failures, plan = [], {}, {}
     if valid:
-        runner = make_task_runner(cluster_address, n_workers, device)
-        with workers_report_to_this_api(), fast_worker_allocations():
+        address = cluster if isinstance(cluster, str) else cluster.address()
+        with workers_report_to_this_api():
+            runner = DaskTaskRunner(address=address)
             iteration_results, failures, plan = train_shards.with_options(task_runner=runner)(
                 train_windows, spec, iterations, str(out), device, progress_bar, strategy, shard_size, priorities,
                 architectures,
             )  # fmt: skip
 
+    if not isinstance(cluster, str):
+        cluster.close(wait=False)  # shuts down while the report is written
     results = results_table(series_ids, invalid, iteration_results, failures)
     tasks = tasks_table(iteration_results)
     schedule = schedule_summary(tasks, plan.get("workers", 1), plan)
