@@ -93,10 +93,10 @@ def engine_on_every_core(series, spec: ModelSpec, workers: int) -> float:
     and PyTorch's warm-up on each worker (train_many pays them once per run) are not included."""
     import distributed
 
-    from flows.cluster import TorchWarmup, fast_worker_allocations
+    from flows.cluster import TorchWarmup
 
     ids = [s.series_id for s in series]
-    with tempfile.TemporaryDirectory(prefix="manynets-cores-") as scratch, fast_worker_allocations(), distributed.LocalCluster(
+    with tempfile.TemporaryDirectory(prefix="manynets-cores-") as scratch, distributed.LocalCluster(
         n_workers=workers, threads_per_worker=1, dashboard_address=None
     ) as cluster, distributed.Client(cluster) as client:  # fmt: skip
         client.register_plugin(TorchWarmup())

@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
-import dask
 import distributed
 import torch
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from models.spec import ARCHITECTURES
+from tasks.allocator import keep_freed_memory
 from tasks.training import warm_up
-
-logger = logging.getLogger(__name__)
-
-
-# Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536 so that memory goes back to
-# the OS. Setting any glibc malloc threshold also switches off glibc's dynamic mmap threshold, so
-# every tensor over 128 KiB is mmap'd, page-faulted and unmapped afresh at every step: one fused
-# shard (250 short series, 100 epochs) trained in 4.2 s that way against 2.6 s without. A fixed
-# mmap threshold at the dynamic one's ceiling (32 MiB) gives the speed back and keeps the trimming.
-WORKER_MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
-
-
-@contextmanager
-def fast_worker_allocations() -> Iterator[None]:
-    """While inside, LocalCluster workers start with WORKER_MALLOC_ENVIRONMENT (read when a nanny spawns one)."""
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": value
-                          for key, value in WORKER_MALLOC_ENVIRONMENT.items()}):  # fmt: skip
-        yield
 
 
 class TorchWarmup(distributed.WorkerPlugin):
-    """Warms PyTorch up for `architectures` on every worker as it joins, so no network pays for it."""
+    """Readies every worker as it joins: malloc thresholds for training (tasks.allocator), and PyTorch
+    warmed up for `architectures`, so no network pays for it."""
 
     name = "manynets-torch-warmup"
 
@@ -45,12 +27,7 @@ class TorchWarmup(distributed.WorkerPlugin):
         self.architectures = tuple(architectures)
 
     def setup(self, worker: distributed.Worker) -> None:
-        if os.environ.get("MALLOC_TRIM_THRESHOLD_") and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-            logger.warning(
-                "worker %s runs with MALLOC_TRIM_THRESHOLD_ set and no MALLOC_MMAP_THRESHOLD_: training will be "
-                "up to 1.6x slower; start workers with MALLOC_MMAP_THRESHOLD_=%s in their environment",
-                worker.address, WORKER_MALLOC_ENVIRONMENT["MALLOC_MMAP_THRESHOLD_"],
-            )  # fmt: skip
+        keep_freed_memory()
         warm_up(architectures=self.architectures)
 
 
@@ -144,8 +121,7 @@ class LocalClusterInBackground:
 
     @staticmethod
     def _start(kwargs: dict, architectures: tuple[str, ...]) -> distributed.LocalCluster:
-        with fast_worker_allocations():
-            cluster = distributed.LocalCluster(**kwargs)
+        cluster = distributed.LocalCluster(**kwargs)
         try:
             with distributed.Client(cluster) as client:
                 client.register_plugin(TorchWarmup(architectures))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,24 @@ from torch import nn
 from models.forecasters import float32_recurrence
 
 
+# A bound parameter is a strided view of the weight matrix, so its gradient (a view of the gradient
+# matrix) cannot be dense; PyTorch warns that this "may impair performance". It does not here: the
+# gradient is added in place either way, and one (K, P) matrix is what makes Adam a few operations.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
 class StackedNetworks(nn.Module):
-    """Base: the parameters of K single networks, stacked, in their single `named_parameters` order.
+    """Base: the parameters of K single networks, one row each of a (K, P) matrix `weights`.
+
+    A row holds a network's parameters in their single `named_parameters` order, each in this
+    module's layout, so that the optimizer (elementwise, with per-network scalars) runs over the
+    whole stack in a few operations. `grads` (K, P) receives the gradients as a parameter's .grad
+    would: added by every backward, cleared by the caller.
 
     Subclasses define `forward(x, upto)`: networks 0..upto-1 (all by default) on x of shape
-    (upto, batch, window), returning (upto, batch, horizon). Running a prefix lets a caller skip
-    networks that have no batch left, without copying weights.
+    (upto, batch, window), returning (upto, batch, horizon); they read their parameters from
+    `bind(upto)`. Running a prefix lets a caller skip networks that have no batch left, without
+    copying weights.
     """
 
     def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None):
@@ -36,66 +49,97 @@ class StackedNetworks(nn.Module):
         super().__init__()
         named = [n if isinstance(n, dict) else dict(n.named_parameters()) for n in networks]
         template = template if template is not None else networks[0]
-        self.keys = [key for key, _ in template.named_parameters()]
+        singles = list(template.named_parameters())
+        self.keys = [key for key, _ in singles]
         self.index = {key: i for i, key in enumerate(self.keys)}
-        # Per parameter: "row" (a bias, stored (K, 1, n)), "T" (a weight matrix, stored transposed) or
+        self.single_shapes = [tuple(tensor.shape) for _, tensor in singles]
+        # Per parameter: "row" (a bias, stored (1, n)), "T" (a weight matrix, stored transposed) or
         # "same" (stored as is, e.g. a position table).
-        self.layouts = []
-        for key, tensor in template.named_parameters():
-            self.layouts.append("row" if tensor.dim() == 1 else "T" if tensor.dim() == 2 and "weight" in key else "same")
-        self.params = nn.ParameterList(
-            nn.Parameter(self.from_singles(i, [n[key].detach() for n in named])) for i, key in enumerate(self.keys)
-        )
+        self.layouts = [
+            "row" if tensor.dim() == 1 else "T" if tensor.dim() == 2 and "weight" in key else "same"
+            for key, tensor in singles
+        ]
+        self.shapes = [self._layout_shape(i) for i in range(len(self.keys))]
+        stops = torch.tensor([math.prod(shape) for shape in self.shapes]).cumsum(0).tolist()
+        self.columns = list(zip([0] + stops[:-1], stops))
+        self.register_buffer("weights", self.rows([[n[key].detach() for n in named] for key in self.keys]))
+        self.register_buffer("grads", torch.zeros_like(self.weights))
 
-    def p(self, key: str, upto: int | None) -> torch.Tensor:
-        """The stacked parameter `key` of networks 0..upto-1."""
-        return self.params[self.index[key]][:upto]
+    def _layout_shape(self, index: int) -> tuple[int, ...]:
+        shape, layout = self.single_shapes[index], self.layouts[index]
+        return (1, shape[0]) if layout == "row" else (shape[1], shape[0]) if layout == "T" else shape
 
-    def to_single(self, tensor: torch.Tensor, index: int, k: int) -> torch.Tensor:
-        """Network k's slice of stacked tensor number `index` (a parameter or its optimizer state)."""
-        piece = tensor[k]
+    def rows(self, per_parameter: list[list[torch.Tensor]]) -> torch.Tensor:
+        """A (K, P) matrix in this module's layout from, per parameter, the K networks' single tensors."""
+        blocks = []
+        for index, pieces in enumerate(per_parameter):
+            layout = self.layouts[index]
+            stacked = torch.stack([p.T for p in pieces] if layout == "T" else pieces)
+            blocks.append(stacked.reshape(len(pieces), -1))
+        return torch.cat(blocks, dim=1)
+
+    def view(self, matrix: torch.Tensor, index: int, upto: int | None = None) -> torch.Tensor:
+        """Parameter number `index` of networks 0..upto-1 in a (K, P) matrix: a (upto, *layout shape) view."""
+        start, stop = self.columns[index]
+        block = matrix[:upto, start:stop]
+        return block.view(block.shape[0], *self.shapes[index])
+
+    def bind(self, upto: int | None = None) -> dict[str, torch.Tensor]:
+        """The parameters of networks 0..upto-1 by state-dict name, as views of `weights`.
+
+        Under grad mode each is a fresh leaf whose .grad is the matching view of `grads`, so a
+        backward adds into `grads` in place (no gradient of a slice is ever zero-filled to full size).
+        """
+        tracking = torch.is_grad_enabled()
+        bound = {}
+        for index, key in enumerate(self.keys):
+            tensor = self.view(self.weights, index, upto)
+            if tracking:
+                tensor.requires_grad_()
+                tensor.grad = self.view(self.grads, index, upto)
+            bound[key] = tensor
+        return bound
+
+    def to_single(self, matrix: torch.Tensor, index: int, k: int) -> torch.Tensor:
+        """Network k's parameter number `index` (its own storage, single layout) from a (K, P) matrix."""
+        piece = self.view(matrix, index)[k]
         layout = self.layouts[index]
         return piece[0].clone() if layout == "row" else piece.T.contiguous() if layout == "T" else piece.clone()
 
-    def from_singles(self, index: int, pieces: list[torch.Tensor]) -> torch.Tensor:
-        """Stack the networks' tensors for parameter number `index` in this module's layout."""
-        layout = self.layouts[index]
-        if layout == "row":
-            return torch.stack(pieces).unsqueeze(1)
-        return torch.stack([p.T for p in pieces] if layout == "T" else pieces).contiguous()
-
-    def to_singles(self, tensor: torch.Tensor, index: int) -> list[torch.Tensor]:
-        """Every network's slice of stacked tensor number `index`, on the CPU, each in its own storage.
+    def to_singles(self, matrix: torch.Tensor, index: int) -> list[torch.Tensor]:
+        """Every network's parameter number `index` from a (K, P) matrix, on the CPU, each in its own storage.
 
         One layout change for the whole stack, then one small copy per network (a checkpoint of a
         view would carry the whole stack): ~20x cheaper than K calls of `to_single`.
         """
         layout = self.layouts[index]
-        whole = tensor.detach()
+        whole = self.view(matrix.detach(), index)
         whole = whole[:, 0] if layout == "row" else whole.transpose(1, 2) if layout == "T" else whole
         return [piece.clone() for piece in whole.cpu().contiguous().unbind(0)]
 
     def state_dict_of(self, k: int) -> dict[str, torch.Tensor]:
         """Network k's weights as its single forecaster's state dict."""
-        return {key: self.to_single(p.detach(), i, k).cpu() for i, (key, p) in enumerate(zip(self.keys, self.params))}
+        return {key: self.to_single(self.weights, i, k).cpu() for i, key in enumerate(self.keys)}
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every network's weights as its single forecaster's state dict (state_dict_of for all k at once)."""
-        columns = [self.to_singles(p, i) for i, p in enumerate(self.params)]
+        columns = [self.to_singles(self.weights, i) for i in range(len(self.keys))]
         return [dict(zip(self.keys, row)) for row in zip(*columns)]
 
-    def linear(self, x: torch.Tensor, prefix: str, upto: int | None) -> torch.Tensor:
-        """The stacked nn.Linear `prefix` applied to x of shape (upto, rows, fan_in)."""
-        return torch.baddbmm(self.p(f"{prefix}.bias", upto), x, self.p(f"{prefix}.weight", upto))
+    @staticmethod
+    def linear(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+        """The stacked nn.Linear `prefix` of bound parameters `w` applied to x of shape (upto, rows, fan_in)."""
+        return torch.baddbmm(w[f"{prefix}.bias"], x, w[f"{prefix}.weight"])
 
 
 class StackedMLP(StackedNetworks):
     """K MLPForecasters: input (K, batch, window) -> output (K, batch, horizon)."""
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        w = self.bind(upto)
         prefixes = [key[: -len(".weight")] for key in self.keys if key.endswith(".weight")]
         for i, prefix in enumerate(prefixes):
-            x = self.linear(x, prefix, upto)
+            x = self.linear(x, w, prefix)
             if i < len(prefixes) - 1:
                 x = torch.relu(x)
         return x
@@ -108,22 +152,21 @@ class _StackedRecurrent(StackedNetworks):
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         k, batch, steps = x.shape
+        w = self.bind(upto)
         layers = sum(key.startswith(f"{self.module}.weight_ih_l") for key in self.keys)
         seq = x.reshape(k, batch * steps, 1)  # (K, batch*time, features), batch-major like batch_first
         with float32_recurrence(x.device.type):
-            outputs = self._layers(seq, k, batch, steps, layers, upto)
-        return self.linear(outputs[-1], "head", upto)
+            outputs = self._layers(seq, w, k, batch, steps, layers)
+        return self.linear(outputs[-1], w, "head")
 
-    def _layers(self, seq, k: int, batch: int, steps: int, layers: int, upto: int | None) -> list[torch.Tensor]:
+    def _layers(self, seq, w: dict, k: int, batch: int, steps: int, layers: int) -> list[torch.Tensor]:
         """The last layer's hidden state at every step, (K, batch, hidden) each."""
         for layer in range(layers):
-            suffix = f"_l{layer}"
+            at = f"{self.module}.%s_l{layer}"
             # All time steps' input projections at once; time-major so each step reads a contiguous block.
-            projected = torch.baddbmm(self.p(f"{self.module}.bias_ih{suffix}", upto), seq,
-                                      self.p(f"{self.module}.weight_ih{suffix}", upto))  # fmt: skip
+            projected = torch.baddbmm(w[at % "bias_ih"], seq, w[at % "weight_ih"])
             projected = projected.view(k, batch, steps, -1).transpose(0, 2).transpose(1, 2).contiguous()
-            outputs = self.run_layer(projected, self.p(f"{self.module}.weight_hh{suffix}", upto),
-                                     self.p(f"{self.module}.bias_hh{suffix}", upto))  # fmt: skip
+            outputs = self.run_layer(projected, w[at % "weight_hh"], w[at % "bias_hh"])
             if layer < layers - 1:
                 seq = torch.stack(outputs, dim=2).reshape(k, batch * steps, -1)
         return outputs
@@ -181,30 +224,30 @@ class StackedTransformer(StackedNetworks):
         self.heads = first.encoder.layers[0].self_attn.num_heads
         self.eps = first.encoder.layers[0].norm1.eps
 
-    def _norm(self, x: torch.Tensor, prefix: str, upto: int | None) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
         normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return torch.addcmul(self.p(f"{prefix}.bias", upto), normed, self.p(f"{prefix}.weight", upto))
+        return torch.addcmul(w[f"{prefix}.bias"], normed, w[f"{prefix}.weight"])
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         k, batch, steps = x.shape
-        tokens = self.linear(x.reshape(k, batch * steps, 1), "embed", upto).view(k, batch, steps, -1)
-        z = (tokens + self.p("position", upto).unsqueeze(1)).reshape(k, batch * steps, -1)
+        w = self.bind(upto)
+        tokens = self.linear(x.reshape(k, batch * steps, 1), w, "embed").view(k, batch, steps, -1)
+        z = (tokens + w["position"].unsqueeze(1)).reshape(k, batch * steps, -1)
         width = z.shape[-1]
         head_dim = width // self.heads
         layers = sum(key.endswith("self_attn.in_proj_weight") for key in self.keys)
         for layer in range(layers):
             at = f"encoder.layers.{layer}"
-            qkv = torch.baddbmm(self.p(f"{at}.self_attn.in_proj_bias", upto), z,
-                                self.p(f"{at}.self_attn.in_proj_weight", upto))  # fmt: skip
+            qkv = torch.baddbmm(w[f"{at}.self_attn.in_proj_bias"], z, w[f"{at}.self_attn.in_proj_weight"])
             # (K, batch, time, 3, heads, head_dim) -> three (K*batch, heads, time, head_dim)
             q, key, value = qkv.view(k * batch, steps, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             attended = F.scaled_dot_product_attention(q, key, value)
             attended = attended.transpose(1, 2).reshape(k, batch * steps, width)
-            z = self._norm(z + self.linear(attended, f"{at}.self_attn.out_proj", upto), f"{at}.norm1", upto)
-            inner = torch.relu(self.linear(z, f"{at}.linear1", upto))
-            z = self._norm(z + self.linear(inner, f"{at}.linear2", upto), f"{at}.norm2", upto)
+            z = self._norm(z + self.linear(attended, w, f"{at}.self_attn.out_proj"), w, f"{at}.norm1")
+            inner = torch.relu(self.linear(z, w, f"{at}.linear1"))
+            z = self._norm(z + self.linear(inner, w, f"{at}.linear2"), w, f"{at}.norm2")
         last = z.view(k, batch, steps, width)[:, :, -1, :]
-        return self.linear(last, "head", upto)
+        return self.linear(last, w, "head")
 
 
 STACKED: dict[str, type[StackedNetworks]] = {
@@ -221,63 +264,59 @@ def stack(
 
 
 class StackedAdam:
-    """Adam over stacked parameters with a step count and learning rate per network, and a mask of who steps.
+    """Adam over a stack's (K, P) weights with a step count and learning rate per network, and a mask of who steps.
 
     Adam is elementwise, so on stacked tensors each network's update is its own; what is not, the
-    step count behind the bias correction and the learning rate (schedules), is kept per network.
-    A network masked out of a step (it has no batch left this epoch, its loss blew up, or it
-    stopped early) is left exactly as it was. The arithmetic follows torch.optim.Adam's
-    single-tensor path, so a network trained here matches one trained alone within float tolerance.
+    step count behind the bias correction and the learning rate (schedules), is kept per network
+    and broadcast over its row. A network masked out of a step (it has no batch left this epoch,
+    its loss blew up, or it stopped early) is left exactly as it was. The arithmetic follows
+    torch.optim.Adam's single-tensor path, so a network trained here matches one trained alone
+    within float tolerance. Steps read the gradients from `stacked.grads`.
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
+    def __init__(self, stacked: StackedNetworks, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.grads = stacked.weights, stacked.grads
         (self.beta1, self.beta2), self.eps = betas, eps
-        k = self.params[0].shape[0]
+        k = self.params.shape[0]
         self.lr = torch.full((k,), float(lr), dtype=torch.float64)
-        self.steps = [torch.zeros(k, dtype=torch.float64) for _ in self.params]
-        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(k, dtype=torch.float64)
+        self.exp_avg = torch.zeros_like(self.params)
+        self.exp_avg_sq = torch.zeros_like(self.params)
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        self.grads.zero_()
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float, upto: int) -> None:
         """Scale each network's gradient to global L2 norm <= max_norm, as clip_grad_norm_ does alone."""
-        grads = [p.grad[:upto] for p in self.params]
-        norms = torch.stack([g.reshape(upto, -1).double().pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()
-        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)))
+        grads = self.grads[:upto]
+        norms = grads.double().pow(2).sum(dim=1).sqrt()
+        grads.mul_((max_norm / (norms + 1e-6)).clamp(max=1.0).to(grads.dtype).unsqueeze(1))
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
         """Update networks 0..len(active)-1 where `active` (bool) is True; later networks are untouched."""
         upto = active.shape[0]
-        lr = self.lr[:upto]
-        everyone = bool(active.all())
-        for p, m, v, steps in zip(self.params, self.exp_avgs, self.exp_avg_sqs, self.steps):
-            p, m, v, steps, grad = p[:upto], m[:upto], v[:upto], steps[:upto], p.grad[:upto]
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            on = active.view(shape)
-            steps += active.to(steps.dtype).cpu()
-            bias1 = (1 - self.beta1**steps).clamp(min=1e-300)
-            bias2_sqrt = (1 - self.beta2**steps).clamp(min=1e-300).sqrt()
-            step_size = (lr / bias1).to(p.dtype).to(p.device).view(shape)
-            if everyone:  # the usual step: in place, no masked copies (half the time of the masked path)
-                m.lerp_(grad, 1 - self.beta1)
-                v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-                denom = (v.sqrt() / bias2_sqrt.to(p.dtype).to(p.device).view(shape)).add_(self.eps)
-                p.sub_(step_size * (m / denom))
-                continue
-            new_m = m.lerp(grad, 1 - self.beta1)
-            new_v = v.mul(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            denom = (new_v.sqrt() / bias2_sqrt.to(p.dtype).to(p.device).view(shape)).add_(self.eps)
-            m.copy_(torch.where(on, new_m, m))
-            v.copy_(torch.where(on, new_v, v))
-            p.copy_(torch.where(on, p - step_size * (new_m / denom), p))
+        p, grad, m, v = self.params[:upto], self.grads[:upto], self.exp_avg[:upto], self.exp_avg_sq[:upto]
+        steps = self.steps[:upto]
+        steps += active.to(steps.dtype).cpu()
+        bias1 = (1 - self.beta1**steps).clamp(min=1e-300)
+        bias2_sqrt = (1 - self.beta2**steps).clamp(min=1e-300).sqrt()
+        step_size = (self.lr[:upto] / bias1).to(p.dtype).to(p.device).unsqueeze(1)
+        bias2_sqrt = bias2_sqrt.to(p.dtype).to(p.device).unsqueeze(1)
+        if bool(active.all()):  # the usual step: in place, no masked copies
+            m.lerp_(grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
+            p.sub_(torch.div(m, denom).mul_(step_size))
+            return
+        on = active.to(p.device).unsqueeze(1)
+        new_m = m.lerp(grad, 1 - self.beta1)
+        new_v = v.mul(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        denom = new_v.sqrt().div_(bias2_sqrt).add_(self.eps)
+        m.copy_(torch.where(on, new_m, m))
+        v.copy_(torch.where(on, new_v, v))
+        p.copy_(torch.where(on, p - step_size * (new_m / denom), p))
 
 
 def peak_flops(device: str = "cpu", size: int = 256, batch: int = 64, repeats: int = 10) -> float:

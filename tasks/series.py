@@ -164,6 +164,15 @@ def sliding_windows(values: np.ndarray, window: int, horizon: int) -> tuple[np.n
     return pairs[:, :window], pairs[:, window:]
 
 
+def window_values(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The consecutive values whose sliding windows are `x` and `y` (as sliding_windows makes them; >= 1 row).
+
+    Row i of x is values[i : i + window] and row i of y values[i + window : i + window + horizon],
+    so x's first column and the last pair give every value back without copying any window.
+    """
+    return np.concatenate([x[:, 0], x[-1, 1:], y[-1]])
+
+
 def make_windows(values: np.ndarray, spec: ModelSpec) -> Windows:
     """Normalised windows of one series: training targets before the held-out tail, validation in it.
 

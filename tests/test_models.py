@@ -80,8 +80,8 @@ def test_stacked_networks_compute_each_network_exactly_as_alone(architecture):
         torch.testing.assert_close(out[k], network(x[k]), rtol=1e-5, atol=1e-6)
         network(x[k]).pow(2).sum().backward()
         grads = {name: p.grad for name, p in network.named_parameters()}
-        for index, (key, param) in enumerate(zip(stacked.keys, stacked.params)):
-            torch.testing.assert_close(stacked.to_single(param.grad, index, k), grads[key], rtol=1e-4, atol=1e-5)
+        for index, key in enumerate(stacked.keys):
+            torch.testing.assert_close(stacked.to_single(stacked.grads, index, k), grads[key], rtol=1e-4, atol=1e-5)
         assert all(torch.equal(v, network.state_dict()[key]) for key, v in stacked.state_dict_of(k).items())
     for k, weights in enumerate(stacked.state_dicts()):  # all at once, each in its own storage
         assert list(weights) == list(networks[k].state_dict())
@@ -93,7 +93,7 @@ def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_al
     spec = ModelSpec(hidden=8, layers=1, window=6, horizon=2)
     networks = [build_model(spec, torch.Generator().manual_seed(k)) for k in range(3)]
     stacked = stack("mlp", networks)
-    optimizer = StackedAdam(stacked.parameters(), lr=1e-2)
+    optimizer = StackedAdam(stacked, lr=1e-2)
     optimizers = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in networks]
     x = torch.randn(3, 5, 6)
     # Steps 1-3 with everyone (the in-place path), step 4 with network 1 masked out (the masked path).
@@ -109,7 +109,7 @@ def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_al
     for k, weights in enumerate(stacked.state_dicts()):
         for key, value in networks[k].state_dict().items():
             torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
-    assert optimizer.steps[0].tolist() == [4.0, 3.0, 4.0]
+    assert optimizer.steps.tolist() == [4.0, 3.0, 4.0]
 
 
 def test_stacked_clipping_scales_each_network_by_its_own_norm():
@@ -118,14 +118,14 @@ def test_stacked_clipping_scales_each_network_by_its_own_norm():
     stacked = stack("mlp", networks)
     x = torch.randn(3, 5, 6) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)  # tiny, medium, huge gradients
     stacked(x).pow(2).sum().backward()
-    optimizer = StackedAdam(stacked.parameters(), lr=1e-3)
+    optimizer = StackedAdam(stacked, lr=1e-3)
     optimizer.clip_grad_norm(0.5, 3)
     for k, network in enumerate(networks):
         network(x[k]).pow(2).sum().backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 0.5)
         grads = {name: p.grad for name, p in network.named_parameters()}
-        for index, (key, param) in enumerate(zip(stacked.keys, stacked.params)):
-            torch.testing.assert_close(stacked.to_single(param.grad, index, k), grads[key], rtol=1e-4, atol=1e-6)
+        for index, key in enumerate(stacked.keys):
+            torch.testing.assert_close(stacked.to_single(stacked.grads, index, k), grads[key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

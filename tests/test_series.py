@@ -12,6 +12,7 @@ from tasks.series import (
     sliding_windows,
     validate_series,
     validate_table,
+    window_values,
 )
 from tests.conftest import series_frame
 
@@ -107,3 +108,10 @@ def test_load_table_reads_csv(tmp_path):
     path = tmp_path / "t.csv"
     series_frame("a", range(5)).to_csv(path, index=False)
     assert list(load_table(path).columns) == ["series_id", "timestamp", "value"]
+
+
+def test_window_values_gives_back_the_values_behind_sliding_windows_and_any_prefix_of_them():
+    values = np.arange(20, dtype=np.float32) ** 1.5
+    x, y = sliding_windows(values, 5, 3)
+    assert np.array_equal(window_values(x, y), values)
+    assert np.array_equal(window_values(x[:4], y[:4]), values[: 4 + 5 + 3 - 1])  # an expanding-window prefix
