@@ -23,6 +23,7 @@ from rich.table import Table
 import tasks.fused
 from data import BUNDLED_SERIES
 from models import ModelSpec
+from tasks.allocator import keep_freed_memory
 from tasks.series import load_table, validate_table
 from tasks.storage import stage_values
 from tasks.training import train_shard_iteration, warm_up
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[1660, 256, 64, 16])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    keep_freed_memory()  # as on a Dask worker
     spec = ModelSpec(architecture=args.architecture, epochs_per_iteration=args.epochs)
     series = validate_table(load_table(BUNDLED_SERIES), spec)[0][: args.networks]
     warm_up()

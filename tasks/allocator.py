@@ -3,10 +3,11 @@
 A training step allocates and frees the same few megabytes of activations and gradients again and
 again. Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536, so that memory goes back
 to the OS; setting any glibc threshold also switches off glibc's dynamic mmap threshold. Each step
-then gets fresh pages from the kernel and page-faults them in: a fused step of 128 MLPs took 29 ms
-with 6,700 page faults that way, 18 ms with 1,200 faults with only the mmap threshold fixed, and
-11-12 ms with no faults with both thresholds below (one thread, this 2-core machine). The settings are
-those glibc's own dynamic rule reaches at its ceiling: mmap above 32 MiB, trim above twice that.
+then gets fresh pages from the kernel and page-faults them in: a fused step of 128 MLPs took 29.9 ms
+with 6,370 page faults that way, 12.6 ms with 992 with only the mmap threshold fixed, and 9.1 ms with
+10 with both thresholds below (`python -m benchmarks.malloc_step`, one thread, this 2-core machine).
+The settings are those glibc's own dynamic rule reaches at its ceiling: mmap above 32 MiB, trim
+above twice that.
 """
 
 from __future__ import annotations

@@ -35,11 +35,13 @@ def fused_width(architecture: str, device: str) -> int | None:
 
     Measured on this 2-core CPU, one thread. Per network, wide groups stop paying once activations
     outgrow the cache: stacked GRUs were 1.5x cheaper than a loop at 16 networks and no cheaper at
-    64, the Transformer's best was 4-16 (`python -m benchmarks.stacking`); one fused iteration of
-    1660 MLPs took 11.1 s in groups of 512, 10.2 s of 256, 9.8 s of 128, 10.8 s of 64 and 11.9 s of
-    32 (`python -m benchmarks.fused_width --widths 512 256 128 64 32`). The recurrent and attention
-    cap also keeps those fused tasks within the widths calibration times (tasks/calibration.py), so
-    the strategy choice does not rest on extrapolation. A GPU wants the widest batch it can get: no
+    64, the Transformer's best was 4-16 (`python -m benchmarks.stacking`). For MLPs 128 was the
+    best width while each parameter had its own optimizer tensors (1660 MLPs: 11.1 s in groups of
+    512, 10.2 s of 256, 9.8 s of 128, 10.8 s of 64); since the stack is one (K, P) matrix the width
+    hardly matters (15.2-15.9 s for 32 to 256 on a slower day, `python -m benchmarks.fused_width
+    --widths 256 128 64 32`). The recurrent and attention cap also keeps those fused tasks within
+    the widths calibration times (tasks/calibration.py), so the strategy choice does not rest on
+    extrapolation. A GPU wants the widest batch it can get: no
     cap. A wider shard trains as consecutive groups, longest networks together.
     """
     if device.startswith("cuda"):
