@@ -51,7 +51,6 @@ class StackedNetworks(nn.Module):
         template = template if template is not None else networks[0]
         singles = list(template.named_parameters())
         self.keys = [key for key, _ in singles]
-        self.index = {key: i for i, key in enumerate(self.keys)}
         self.single_shapes = [tuple(tensor.shape) for _, tensor in singles]
         # Per parameter: "row" (a bias, stored (1, n)), "T" (a weight matrix, stored transposed) or
         # "same" (stored as is, e.g. a position table).
