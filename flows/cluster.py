@@ -17,18 +17,31 @@ from tasks.allocator import keep_freed_memory
 from tasks.training import warm_up
 
 
+# Architectures already warmed up in this worker process: the local cluster registers the plugin when
+# it starts and train_shards registers it again (it must, for an existing cluster), which re-runs setup.
+_WARMED: set[str] = set()
+
+
 class TorchWarmup(distributed.WorkerPlugin):
     """Readies every worker as it joins: malloc thresholds for training (tasks.allocator), and PyTorch
-    warmed up for `architectures`, so no network pays for it."""
+    warmed up for `architectures`, so no network pays for it. A process warms each architecture once."""
 
     name = "manynets-torch-warmup"
 
     def __init__(self, architectures: tuple[str, ...] = ARCHITECTURES):
         self.architectures = tuple(architectures)
 
+    @classmethod
+    def for_run(cls, spec_architecture: str, architectures: dict[str, str]) -> "TorchWarmup":
+        """The plugin for a run of `spec_architecture` whose series may name others (series id -> architecture)."""
+        return cls(tuple(sorted({spec_architecture, *architectures.values()})))
+
     def setup(self, worker: distributed.Worker) -> None:
         keep_freed_memory()
-        warm_up(architectures=self.architectures)
+        cold = tuple(a for a in self.architectures if a not in _WARMED)
+        if cold:
+            warm_up(architectures=cold)
+            _WARMED.update(cold)
 
 
 class ClusterUnreachable(ConnectionError):
@@ -113,18 +126,18 @@ class LocalClusterInBackground:
     report is written meanwhile; a later `close()` waits). Arguments are checked at once.
     """
 
-    def __init__(self, n_workers: int | None, device: str, architectures: tuple[str, ...]):
+    def __init__(self, n_workers: int | None, device: str, warmup: TorchWarmup):
         kwargs = local_cluster_kwargs(n_workers, device)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manynets-local-cluster")
-        self._cluster = self._thread.submit(self._start, kwargs, architectures)
+        self._cluster = self._thread.submit(self._start, kwargs, warmup)
         self._closing = None
 
     @staticmethod
-    def _start(kwargs: dict, architectures: tuple[str, ...]) -> distributed.LocalCluster:
+    def _start(kwargs: dict, warmup: TorchWarmup) -> distributed.LocalCluster:
         cluster = distributed.LocalCluster(**kwargs)
         try:
             with distributed.Client(cluster) as client:
-                client.register_plugin(TorchWarmup(architectures))
+                client.register_plugin(warmup)
         except BaseException:
             cluster.close()
             raise

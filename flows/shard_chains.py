@@ -107,7 +107,7 @@ def train_shards(
     logger.info("Dask dashboard: %s", client.dashboard_link)
     # Registered plugins also run on workers that join later, e.g. after a restart.
     architectures = architectures or {}
-    client.register_plugin(TorchWarmup(tuple(sorted({spec.architecture, *architectures.values()}))))
+    client.register_plugin(TorchWarmup.for_run(spec.architecture, architectures))
     specs = {a: spec.model_copy(update={"architecture": a}) for a in set(architectures.values())}
     loads = {sid: NetworkLoad(sid, specs.get(architectures.get(sid), spec), rows) for sid, rows in train_windows.items()}
     workers = _cluster_threads(client)

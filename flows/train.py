@@ -14,7 +14,13 @@ from prefect_dask import DaskTaskRunner
 from pydantic import WithJsonSchema
 
 from data import BUNDLED_SERIES
-from flows.cluster import LocalClusterInBackground, check_scheduler, resolve_device, workers_report_to_this_api
+from flows.cluster import (
+    LocalClusterInBackground,
+    TorchWarmup,
+    check_scheduler,
+    resolve_device,
+    workers_report_to_this_api,
+)
 from flows.shard_chains import train_shards
 from models import ModelSpec
 from models.spec import ARCHITECTURES
@@ -131,7 +137,7 @@ def train_many(
     # validated and staged.
     local = None
     if not cluster_address:
-        local = LocalClusterInBackground(n_workers, device, tuple(sorted({spec.architecture, *architectures.values()})))
+        local = LocalClusterInBackground(n_workers, device, TorchWarmup.for_run(spec.architecture, architectures))
     try:
         return _train_and_report(
             table, spec, architectures, out, iterations, shard_size, cluster_address or local, device, progress_bar,

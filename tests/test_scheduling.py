@@ -148,7 +148,8 @@ def _page_faults_of_reused_tensors(rounds: int = 20) -> int:
 
 def test_workers_reuse_freed_tensor_memory_instead_of_page_faulting_it_afresh():
     # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536: every step's tensors came back
-    # as fresh pages from the kernel (6,700 faults a fused step). The warm-up plugin resets glibc.
+    # as fresh pages from the kernel (~6,400 faults a fused step, benchmarks/malloc_step.py). The
+    # warm-up plugin resets glibc.
     import dask
     import distributed
 
@@ -162,3 +163,16 @@ def test_workers_reuse_freed_tensor_memory_instead_of_page_faulting_it_afresh():
         tuned = list(client.run(_page_faults_of_reused_tensors).values())[0]
     assert untuned > 20 * 1024  # at least 4 MiB of fresh pages a round
     assert tuned * 4 < untuned
+
+
+def test_the_warmup_plugin_warms_each_architecture_once_per_worker_process(monkeypatch):
+    # The local cluster registers it at start and train_shards again: setup runs twice per worker.
+    import flows.cluster
+
+    warmed = []
+    monkeypatch.setattr(flows.cluster, "_WARMED", set())
+    monkeypatch.setattr(flows.cluster, "warm_up", lambda architectures: warmed.append(architectures))
+    monkeypatch.setattr(flows.cluster, "keep_freed_memory", lambda: True)
+    flows.cluster.TorchWarmup.for_run("mlp", {"a": "lstm"}).setup(worker=None)
+    flows.cluster.TorchWarmup.for_run("mlp", {"a": "lstm", "b": "gru"}).setup(worker=None)
+    assert warmed == [("lstm", "mlp"), ("gru",)]
