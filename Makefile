@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Prefect's server would try to send telemetry; there is no network for it here or on most clusters.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# Prefect's temporary server gives up after 20 s; on a fresh 2-core machine creating its database took
+# longer than that (a flow run of the chaos test failed so), so it gets the time it needs.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test serve bench bench-chaos data clean
