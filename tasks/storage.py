@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 import safetensors.torch
 import torch
 
@@ -64,8 +65,11 @@ def atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None
     `durable=False` skips both fsyncs: still atomic for readers, but a power loss may leave the
     file empty; only for files that are rewritten before they are next needed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileNotFoundError:  # the folder is made on demand: a mkdir per write cost 0.2 ms here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide results from other users
@@ -131,8 +135,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_split_tensors(state, tensors))
-    body = safetensors.torch.save(tensors, metadata={"manynets": skeleton})
+    body = _safetensors_bytes(tensors, {"manynets": skeleton})
     atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+# Tensor types numpy holds as they are; safetensors writes them the same through numpy or torch.
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                 torch.uint8, torch.bool}  # fmt: skip
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of CPU `tensors`: byte for byte what safetensors.torch.save gives.
+
+    Through safetensors.numpy where numpy has every dtype: 4.6x faster for a checkpoint's ~25 small
+    tensors (0.36 vs 1.68 ms here), which a fused shard pays per network from threads that compete
+    with its training for the GIL. Through torch otherwise (bfloat16).
+    """
+    if all(tensor.dtype in _NUMPY_DTYPES for tensor in tensors.values()):
+        return safetensors.numpy.save({name: tensor.numpy() for name, tensor in tensors.items()}, metadata=metadata)
+    return safetensors.torch.save(tensors, metadata=metadata)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -209,9 +230,13 @@ def append_journal(folder: Path, event: dict) -> None:
     One small O_APPEND write per line, so concurrent writers never interleave within a line; a line
     torn by a crash is skipped by read_journal.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(event, sort_keys=True) + "\n").encode()
-    fd = os.open(folder / "journal.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:
+        fd = os.open(folder / "journal.jsonl", flags, 0o644)
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / "journal.jsonl", flags, 0o644)
     try:
         os.write(fd, line)
     finally:
