@@ -153,7 +153,9 @@ class _StackedRecurrent(StackedNetworks):
         k, batch, steps = x.shape
         w = self.bind(upto)
         layers = sum(key.startswith(f"{self.module}.weight_ih_l") for key in self.keys)
-        seq = x.reshape(k, batch * steps, 1)  # (K, batch*time, features), batch-major like batch_first
+        # (K, time*batch, features), time-major: each step's projected inputs are then one block per
+        # network, with no reordering copy of the whole projection (and none back in the backward).
+        seq = x.transpose(1, 2).reshape(k, steps * batch, 1)
         with float32_recurrence(x.device.type):
             outputs = self._layers(seq, w, k, batch, steps, layers)
         return self.linear(outputs[-1], w, "head")
@@ -162,16 +164,15 @@ class _StackedRecurrent(StackedNetworks):
         """The last layer's hidden state at every step, (K, batch, hidden) each."""
         for layer in range(layers):
             at = f"{self.module}.%s_l{layer}"
-            # All time steps' input projections at once; time-major so each step reads a contiguous block.
-            projected = torch.baddbmm(w[at % "bias_ih"], seq, w[at % "weight_ih"])
-            projected = projected.view(k, batch, steps, -1).transpose(0, 2).transpose(1, 2).contiguous()
+            # All time steps' input projections at once.
+            projected = torch.baddbmm(w[at % "bias_ih"], seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
             outputs = self.run_layer(projected, w[at % "weight_hh"], w[at % "bias_hh"])
             if layer < layers - 1:
-                seq = torch.stack(outputs, dim=2).reshape(k, batch * steps, -1)
+                seq = torch.stack(outputs, dim=1).reshape(k, steps * batch, -1)
         return outputs
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
-        """Every step's hidden state (K, batch, hidden) given projected inputs (time, K, batch, gates)."""
+        """Every step's hidden state (K, batch, hidden) given projected inputs (K, time, batch, gates)."""
         raise NotImplementedError
 
 
@@ -185,7 +186,7 @@ class StackedLSTM(_StackedRecurrent):
         outputs = []
         # unbind/chunk, not indexing: their backward assembles one gradient, where each slice's
         # backward would zero-fill and copy a whole-size tensor per step.
-        for step in projected.unbind(0):
+        for step in projected.unbind(1):
             gates = step + bias_hh if h is None else torch.baddbmm(step + bias_hh, h, weight_hh)
             i, f, g, o = gates.chunk(4, dim=-1)
             i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
@@ -203,7 +204,7 @@ class StackedGRU(_StackedRecurrent):
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
         h = None
         outputs = []
-        for step in projected.unbind(0):
+        for step in projected.unbind(1):
             recurrent = bias_hh.expand(-1, step.shape[1], -1) if h is None else torch.baddbmm(bias_hh, h, weight_hh)
             step_r, step_z, step_n = step.chunk(3, dim=-1)
             rec_r, rec_z, rec_n = recurrent.chunk(3, dim=-1)
