@@ -3,8 +3,8 @@
 The engine trains a fused shard as consecutive groups of at most `tasks.fused.fused_width` networks;
 this times one iteration of the first N bundled series (one thread, checkpoints included) with that
 width replaced by each W given, so the cap is a measurement, not a guess.
-Prints a table and writes benchmarks/results/fused_width.json.
-Run: `python -m benchmarks.fused_width [--architecture mlp] [--networks 1660] [--widths 1660 256 64 16]`.
+Prints a table and writes benchmarks/results/fused_width.json (or --output).
+Run: `python -m benchmarks.fused_width [--architecture mlp] [--networks 1660] [--epochs 5] [--widths 1660 256 64 16]`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--architecture", default="mlp")
     parser.add_argument("--networks", type=int, default=1660)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--widths", type=int, nargs="+", default=[1660, 256, 64, 16])
+    parser.add_argument("--widths", type=int, nargs="+", default=[1660, 256, 64, 16],
+                        help="a width given twice is timed twice (this machine is noisy)")
+    parser.add_argument("--output", default="fused_width.json", help="file name under benchmarks/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     keep_freed_memory()  # as on a Dask worker
@@ -64,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         view.add_row(str(r["width"]), f"{r['seconds']:.1f}", f"{widest / r['seconds']:.2f}x")
     Console(width=120).print(view)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fused_width.json").write_text(json.dumps(
+    (RESULTS / args.output).write_text(json.dumps(
         {"benchmark": "fused_width", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))  # fmt: skip
-    print(f"wrote {RESULTS / 'fused_width.json'}")
+    print(f"wrote {RESULTS / args.output}")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ def fused_width(architecture: str, device: str) -> int | None:
     512, 10.2 s of 256, 9.8 s of 128, 10.8 s of 64); since the stack is one (K, P) matrix the width
     hardly matters (15.2-15.9 s for 32 to 256 on a slower day, `python -m benchmarks.fused_width
     --widths 256 128 64 32`). Stacked LSTMs, whose projections are a third larger than the GRU's,
-    cost 17.3 ms a network-step in groups of 8 against 21.1 in groups of 16 (two runs alike, 4
-    networks: 19.3). The recurrent and attention cap also keeps those fused tasks within the widths
+    are cheapest in groups of 8: 64 LSTMs, one epoch, 13.4 / 13.6 s in groups of 8 against 15.9 /
+    16.7 s of 16 and 16.1 / 15.0 s of 4 (`python -m benchmarks.fused_width --architecture lstm
+    --networks 64 --epochs 1 --widths 16 8 4 16 8 4`); GRUs of 16 and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s;
+    32: 10.3 / 10.7 s). The recurrent and attention cap also keeps those fused tasks within the widths
     calibration times (tasks/calibration.py), so the strategy choice does not rest on
     extrapolation. A GPU wants the widest batch it can get: no cap. A wider shard trains as
     consecutive groups, longest networks together.
