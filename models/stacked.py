@@ -238,9 +238,13 @@ class StackedTransformer(StackedNetworks):
         layers = sum(key.endswith("self_attn.in_proj_weight") for key in self.keys)
         for layer in range(layers):
             at = f"encoder.layers.{layer}"
-            qkv = torch.baddbmm(w[f"{at}.self_attn.in_proj_bias"], z, w[f"{at}.self_attn.in_proj_weight"])
-            # (K, batch, time, 3, heads, head_dim) -> three (K*batch, heads, time, head_dim)
-            q, key, value = qkv.view(k * batch, steps, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            # q, k and v each its own product, viewed (K*batch, heads, time, head_dim) without a copy:
+            # SDPA then gives its output and gradients in that same (time-before-heads) memory layout,
+            # where one product split three ways cost two whole copies and a concatenation per layer.
+            weights = w[f"{at}.self_attn.in_proj_weight"].split(width, dim=2)
+            biases = w[f"{at}.self_attn.in_proj_bias"].split(width, dim=2)
+            q, key, value = (torch.baddbmm(b, z, m).view(k * batch, steps, self.heads, head_dim).transpose(1, 2)
+                             for m, b in zip(weights, biases))  # fmt: skip
             attended = F.scaled_dot_product_attention(q, key, value)
             attended = attended.transpose(1, 2).reshape(k, batch * steps, width)
             z = self._norm(z + self.linear(attended, w, f"{at}.self_attn.out_proj"), w, f"{at}.norm1")

@@ -35,7 +35,8 @@ def fused_width(architecture: str, device: str) -> int | None:
 
     Measured on this 2-core CPU, one thread. Per network, wide groups stop paying once activations
     outgrow the cache: stacked GRUs were 1.5x cheaper than a loop at 16 networks and no cheaper at
-    64, the Transformer's best was 4-16 (`python -m benchmarks.stacking`). For MLPs 128 was the
+    64, the Transformer's best was 4-16 (`python -m benchmarks.stacking`, before the engine's
+    later changes). For MLPs 128 was the
     best width while each parameter had its own optimizer tensors (1660 MLPs: 11.1 s in groups of
     512, 10.2 s of 256, 9.8 s of 128, 10.8 s of 64); since the stack is one (K, P) matrix the width
     hardly matters (15.2-15.9 s for 32 to 256 on a slower day, `python -m benchmarks.fused_width
@@ -43,14 +44,15 @@ def fused_width(architecture: str, device: str) -> int | None:
     are cheapest in groups of 8: 64 LSTMs, one epoch, 13.4 / 13.6 s in groups of 8 against 15.9 /
     16.7 s of 16 and 16.1 / 15.0 s of 4 (`python -m benchmarks.fused_width --architecture lstm
     --networks 64 --epochs 1 --widths 16 8 4 16 8 4`); GRUs of 16 and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s;
-    32: 10.3 / 10.7 s). The recurrent and attention cap also keeps those fused tasks within the widths
+    32: 10.3 / 10.7 s); Transformers of 8 beat 16 (64 networks: 22.6 / 23.4 s against 25.1 / 25.1 s;
+    4: 21.0 / 25.3 s). The recurrent and attention cap also keeps those fused tasks within the widths
     calibration times (tasks/calibration.py), so the strategy choice does not rest on
     extrapolation. A GPU wants the widest batch it can get: no cap. A wider shard trains as
     consecutive groups, longest networks together.
     """
     if device.startswith("cuda"):
         return None
-    return {"mlp": 128, "lstm": 8}.get(architecture, 16)
+    return {"mlp": 128, "gru": 16}.get(architecture, 8)
 
 
 @dataclass
