@@ -318,10 +318,14 @@ class StackedAdam:
                 self._fused(slice(start, stop), float(steps[start]), float(lr[start]))
 
     def _fused(self, rows: slice, step: float, lr: float) -> None:
-        """One call of the fused Adam kernel over `rows` of the stack, all at step `step` with rate `lr`."""
+        """One call of the fused Adam kernel over `rows` of the stack, all at step `step` with rate `lr`.
+
+        The step count goes in as torch.optim.Adam(fused=True) keeps it: a float32 tensor on the
+        parameters' device (the CUDA kernel reads it there).
+        """
         torch._fused_adam_(
             [self.params[rows]], [self.grads[rows]], [self.exp_avg[rows]], [self.exp_avg_sq[rows]], [],
-            [torch.tensor(step, device=self.params.device)], lr=lr, beta1=self.beta1, beta2=self.beta2,
+            [torch.tensor(step, dtype=torch.float32, device=self.params.device)], lr=lr, beta1=self.beta1, beta2=self.beta2,
             weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
         )  # fmt: skip
 
