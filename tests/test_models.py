@@ -96,8 +96,12 @@ def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_al
     optimizer = StackedAdam(stacked, lr=1e-2)
     optimizers = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in networks]
     x = torch.randn(3, 5, 6)
-    # Steps 1-3 with everyone (the in-place path), step 4 with network 1 masked out (the masked path).
-    for active in ([True] * 3, [True] * 3, [True] * 3, [True, False, True]):
+    # Steps 1-3 with everyone (one kernel call over the stack), step 4 with network 1 masked out, steps 5-6
+    # with step counts [5, 4, 5] and network 2 at its own rate (a call per run of equal pairs).
+    for step, active in enumerate(([True] * 3, [True] * 3, [True] * 3, [True, False, True], [True] * 3, [True] * 3)):
+        if step == 4:
+            optimizer.lr[2] = 3e-3
+            optimizers[2].param_groups[0]["lr"] = 3e-3
         optimizer.zero_grad()
         stacked(x).pow(2).sum().backward()
         optimizer.step(torch.tensor(active))
@@ -109,7 +113,7 @@ def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_al
     for k, weights in enumerate(stacked.state_dicts()):
         for key, value in networks[k].state_dict().items():
             torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
-    assert optimizer.steps.tolist() == [4.0, 3.0, 4.0]
+    assert optimizer.steps.tolist() == [6.0, 5.0, 6.0]
 
 
 def test_stacked_clipping_scales_each_network_by_its_own_norm():

@@ -30,6 +30,19 @@ def test_checkpoint_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["iter-00003.ckpt"]  # no temporary file left
 
 
+def test_checkpoint_bodies_are_safetensors_byte_for_byte_and_bfloat16_still_round_trips(tmp_path):
+    import safetensors.torch
+
+    from tasks.storage import _safetensors_bytes
+
+    tensors = {"w": torch.randn(3, 4), "step": torch.tensor(7.0), "rng": torch.arange(5, dtype=torch.uint8)}
+    assert _safetensors_bytes(tensors, {"a": "b"}) == safetensors.torch.save(tensors, metadata={"a": "b"})
+    state = {"model": {"w": torch.randn(2, 3, dtype=torch.bfloat16)}, "step": torch.tensor(2.0)}
+    save_checkpoint(tmp_path / "iter-00001.ckpt", state)
+    loaded = load_checkpoint(tmp_path / "iter-00001.ckpt")
+    assert loaded["model"]["w"].dtype == torch.bfloat16 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
 def test_checkpoint_keeps_an_optimizer_state_dict_exactly(tmp_path):
     # Adam's state dict has int keys, tuples, 0-dim tensors; metrics may hold inf. All must come back
     # as they were, or a resumed optimizer would not load or would differ.
