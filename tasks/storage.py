@@ -58,6 +58,18 @@ def checkpoint_iterations(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
+def _in_folder(folder: Path, create):
+    """create() (which makes a file in `folder`), making the folder first only if it is missing.
+
+    The folder almost always exists (staging makes it), and a mkdir before every write cost 0.2 ms here.
+    """
+    try:
+        return create()
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        return create()
+
+
 def atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None:
     """Write `payload` to `path` so that readers see the old file or the whole new one, never a part.
 
@@ -65,11 +77,7 @@ def atomic_write_bytes(path: Path, payload: bytes, durable: bool = True) -> None
     `durable=False` skips both fsyncs: still atomic for readers, but a power loss may leave the
     file empty; only for files that are rewritten before they are next needed.
     """
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except FileNotFoundError:  # the folder is made on demand: a mkdir per write cost 0.2 ms here
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _in_folder(path.parent, lambda: tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide results from other users
@@ -231,12 +239,7 @@ def append_journal(folder: Path, event: dict) -> None:
     torn by a crash is skipped by read_journal.
     """
     line = (json.dumps(event, sort_keys=True) + "\n").encode()
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-    try:
-        fd = os.open(folder / "journal.jsonl", flags, 0o644)
-    except FileNotFoundError:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / "journal.jsonl", flags, 0o644)
+    fd = _in_folder(folder, lambda: os.open(folder / "journal.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
     try:
         os.write(fd, line)
     finally:
