@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -102,47 +103,88 @@ _FAMILIES: dict[str, type[nn.Module]] = {
 }  # fmt: skip
 
 
+# One step of initialisation: (parameter name, tensor method, its arguments); uniform_ and normal_
+# draw from the network's generator, fill_ does not.
+InitStep = tuple[str, str, tuple[float, ...]]
+
+
+def init_plan(model: nn.Module) -> list[InitStep]:
+    """What init_weights writes into `model`, step by step in its order (later steps overwrite earlier ones).
+
+    PyTorch's default initialisation per module type, its bounds computed as torch.nn.init does;
+    the transformer's position embedding, which PyTorch has no default for, is drawn from N(0, 0.02).
+    Only shapes are read, so `model` may be on the meta device.
+    """
+    steps: list[InitStep] = []
+    modules = list(model.named_modules())
+    for prefix, module in modules:
+        at = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.Linear):
+            fan_in = nn.init._calculate_correct_fan(module.weight, "fan_in")
+            bound = math.sqrt(3.0) * (nn.init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in))
+            steps.append((f"{at}weight", "uniform_", (-bound, bound)))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1])
+                steps.append((f"{at}bias", "uniform_", (-bound, bound)))
+        elif isinstance(module, (nn.LSTM, nn.GRU)):
+            bound = 1 / math.sqrt(module.hidden_size)
+            steps += [(f"{at}{name}", "uniform_", (-bound, bound)) for name, _ in module.named_parameters()]
+        elif isinstance(module, nn.MultiheadAttention):
+            # As MultiheadAttention._reset_parameters; out_proj (a Linear) is visited after this.
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.in_proj_weight)
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+            steps += [(f"{at}in_proj_weight", "uniform_", (-bound, bound)), (f"{at}in_proj_bias", "fill_", (0.0,))]
+        elif isinstance(module, nn.LayerNorm):
+            steps += [(f"{at}weight", "fill_", (1.0,)), (f"{at}bias", "fill_", (0.0,))]
+    for prefix, module in modules:
+        at = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.MultiheadAttention):
+            steps.append((f"{at}out_proj.bias", "fill_", (0.0,)))
+        if isinstance(module, TransformerForecaster):
+            steps.append((f"{at}position", "normal_", (0.0, 0.02)))
+    unwritten = [name for name, _ in model.named_parameters() if name not in {step[0] for step in steps}]
+    if unwritten:
+        raise TypeError(f"no default initialisation for parameter(s) {', '.join(unwritten)} of {type(model).__name__}")
+    return steps
+
+
+def _run_plan(plan: list[InitStep], tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    for name, method, args in plan:
+        if method == "fill_":
+            tensors[name].fill_(*args)
+        else:
+            getattr(tensors[name], method)(*args, generator=generator)
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, generator: torch.Generator) -> None:
-    """Re-initialise `model` exactly as PyTorch's defaults do, but from `generator`.
+    """Re-initialise `model` exactly as PyTorch's defaults do (init_plan), but from `generator`.
 
     Drawing from a per-network generator instead of the global RNG keeps a network's weights a
     function of its own seed, whatever else runs in the same process or thread. Every parameter is
-    written (models may be built on the meta device); the transformer's position embedding, which
-    PyTorch has no default for, is drawn from N(0, 0.02).
+    written (models may be built on the meta device).
     """
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
-            if module.bias is not None:
-                bound = 1 / math.sqrt(module.weight.shape[1])
-                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-        elif isinstance(module, (nn.LSTM, nn.GRU)):
-            bound = 1 / math.sqrt(module.hidden_size)
-            for weight in module.parameters():
-                nn.init.uniform_(weight, -bound, bound, generator=generator)
-        elif isinstance(module, nn.MultiheadAttention):
-            # As MultiheadAttention._reset_parameters; out_proj (a Linear) is visited after this.
-            nn.init.xavier_uniform_(module.in_proj_weight, generator=generator)
-            nn.init.zeros_(module.in_proj_bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            nn.init.zeros_(module.out_proj.bias)
-        if isinstance(module, TransformerForecaster):
-            nn.init.normal_(module.position, std=0.02, generator=generator)
+    _run_plan(init_plan(model), dict(model.named_parameters()), generator)
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[list[InitStep], list[tuple[str, torch.Size]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def fresh_weights(template: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The parameters `build_model(spec, generator)` would give, drawn by re-initialising `template` (a model of spec).
+    """The parameters `build_model(spec, generator)` would give, drawn for a model like `template` (a model of spec).
 
-    Building a module costs ~1.3 ms here, initialising one ~0.1 ms: a caller that needs only the
-    weights of many networks (the fused engine) re-initialises one template instead of building each.
+    Building a module costs ~1.3 ms here: a caller that needs only the weights of many networks
+    (the fused engine) draws them here, the template's init plan computed once and replayed into
+    new tensors (no module walk per network; `template` itself is not touched).
     """
-    init_weights(template, generator)
-    return {name: p.detach().clone() for name, p in template.named_parameters()}
+    if template not in _PLANS:
+        _PLANS[template] = (init_plan(template), [(name, p.shape) for name, p in template.named_parameters()])
+    plan, shapes = _PLANS[template]
+    tensors = {name: torch.empty(shape) for name, shape in shapes}
+    _run_plan(plan, tensors, generator)
+    return tensors
 
 
 def build_model(spec: ModelSpec, generator: torch.Generator | None = None) -> nn.Module:

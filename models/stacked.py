@@ -17,6 +17,7 @@ import math
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,16 +106,23 @@ class StackedNetworks(nn.Module):
         layout = self.layouts[index]
         return piece[0].clone() if layout == "row" else piece.T.contiguous() if layout == "T" else piece.clone()
 
-    def to_singles(self, matrix: torch.Tensor, index: int) -> list[torch.Tensor]:
-        """Every network's parameter number `index` from a (K, P) matrix, on the CPU, each in its own storage.
+    def singles(self, matrix: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter number `index` of every network from a (K, P) matrix: (K, *single shape), on the CPU, contiguous.
 
-        One layout change for the whole stack, then one small copy per network (a checkpoint of a
-        view would carry the whole stack): ~20x cheaper than K calls of `to_single`.
+        One layout change for the whole stack: row k is network k's tensor as its single forecaster holds it.
         """
         layout = self.layouts[index]
         whole = self.view(matrix.detach(), index)
         whole = whole[:, 0] if layout == "row" else whole.transpose(1, 2) if layout == "T" else whole
-        return [piece.clone() for piece in whole.cpu().contiguous().unbind(0)]
+        return whole.cpu().contiguous()
+
+    def to_singles(self, matrix: torch.Tensor, index: int) -> list[torch.Tensor]:
+        """Every network's parameter number `index` from a (K, P) matrix, on the CPU, each in its own storage.
+
+        `singles`, then one small copy per network (a checkpoint of a view would carry the whole
+        stack): ~20x cheaper than K calls of `to_single`.
+        """
+        return [piece.clone() for piece in self.singles(matrix, index).unbind(0)]
 
     def state_dict_of(self, k: int) -> dict[str, torch.Tensor]:
         """Network k's weights as its single forecaster's state dict."""
@@ -140,7 +148,9 @@ class StackedMLP(StackedNetworks):
         for i, prefix in enumerate(prefixes):
             x = self.linear(x, w, prefix)
             if i < len(prefixes) - 1:
-                x = torch.relu(x)
+                # In place: the product's backward needs its inputs, not its output. One fused iteration
+                # of 1660 MLPs, alternated: 6.20-6.26 s against 6.27-6.58 s with a new tensor.
+                x = torch.relu_(x)
         return x
 
 
@@ -308,11 +318,13 @@ class StackedAdam:
         network is simply not passed.
         """
         upto = active.shape[0]
-        on = active.cpu()
-        steps, lr = self.steps[:upto], self.lr[:upto]
-        steps += on.to(steps.dtype)
-        keys = torch.stack([steps, lr, on.to(steps.dtype)], dim=1)
-        edges = [0, *((keys[1:] != keys[:-1]).any(dim=1).nonzero().flatten() + 1).tolist(), upto]
+        # numpy views of the (CPU) step counts and rates: finding runs with torch ops on these tiny
+        # vectors cost ~0.2 ms a step, as much as the kernel's own work for 128 MLPs.
+        on = active.cpu().numpy()
+        steps, lr = self.steps.numpy()[:upto], self.lr.numpy()[:upto]
+        steps += on
+        changes = (steps[1:] != steps[:-1]) | (lr[1:] != lr[:-1]) | (on[1:] != on[:-1])
+        edges = [0, *(np.flatnonzero(changes) + 1).tolist(), upto]
         for start, stop in zip(edges[:-1], edges[1:]):
             if on[start]:
                 self._fused(slice(start, stop), float(steps[start]), float(lr[start]))

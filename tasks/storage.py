@@ -8,11 +8,13 @@ Layout under a run's output dir:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is truncated, corrupted or not a manynets checkpoint."""
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a network's folder is named 4-5 times an iteration; each a SHA-256
 def safe_name(series_id: str) -> str:
     """A directory name for `series_id` that cannot escape its parent and never collides.
 
@@ -141,10 +144,84 @@ def save_checkpoint(path: Path, state: dict) -> None:
     is pickled, and it saves 1.6x and loads 16x faster than torch.save here (0.37 / 0.11 ms vs 0.59 /
     1.75 ms for one network's checkpoint), which a fleet pays once per network per iteration.
     """
+    write_checkpoint_body(path, checkpoint_body(state))
+
+
+def write_checkpoint_body(path: Path, body: bytes) -> None:
+    """Write a checkpoint whose body (checkpoint_body or checkpoint_bodies) is made: header, checksum, atomically."""
+    atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def checkpoint_body(state: dict) -> bytes:
+    """The body save_checkpoint writes for `state`: safetensors, the rest of `state` as JSON in its metadata."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_split_tensors(state, tensors))
-    body = _safetensors_bytes(tensors, {"manynets": skeleton})
-    atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    return _safetensors_bytes(tensors, {"manynets": skeleton})
+
+
+def checkpoint_bodies(own: list[dict], stacked: dict) -> list[bytes]:
+    """checkpoint_body of many networks' states at once: network k's state is own[k] followed by
+    `stacked`, in which every tensor t stands for t[k].
+
+    Byte for byte what checkpoint_body gives for each state alone, at a fraction of the Python: the
+    tensors go into one (networks, bytes) matrix in a column block each, and only the JSON of each
+    network's own values (which hold no tensors) is encoded per network. Serialising 1660 fused MLPs
+    one by one held the GIL ~0.5 ms each in the writer threads, and the training thread waited on
+    it: 9.4 s to train them against 6.9 s with the same files written from ready bodies.
+    """
+    stacks: dict[str, torch.Tensor] = {}
+    shared = _split_tensors(stacked, stacks)["$dict"]
+    if set(stacked) & {key for values in own for key in values}:
+        raise ValueError("a key is both a network's own value and stacked")
+    count = len(own)
+    if any(stack.shape[:1] != (count,) for stack in stacks.values()):
+        raise ValueError(f"every stacked tensor must hold {count} networks on its first dimension")
+    # json.dumps of {"$dict": [pair, ...]} is the pairs' own dumps joined by ", ": the stacked pairs
+    # (the same for every network, tensors referenced by name) are encoded once.
+    shared_pairs = [json.dumps(pair) for pair in shared]
+    skeletons = []
+    for values in own:
+        no_tensors: dict[str, torch.Tensor] = {}
+        pairs = [json.dumps([key, _split_tensors(value, no_tensors)]) for key, value in values.items()]
+        if no_tensors:
+            raise ValueError("a network's own values must hold no tensors; stack them")
+        skeletons.append('{"$dict": [' + ", ".join(pairs + shared_pairs) + "]}")
+    if not count:
+        return []
+    first = _safetensors_bytes({name: stack[0] for name, stack in stacks.items()}, {"manynets": skeletons[0]})
+    layout = _header_layout(first, skeletons[0])
+    if layout is None:  # a safetensors whose header we cannot reproduce: each network through it
+        return [first] + [_safetensors_bytes({name: stack[k] for name, stack in stacks.items()}, {"manynets": s})
+                          for k, s in enumerate(skeletons[1:], start=1)]  # fmt: skip
+    tail, offsets = layout
+    size = max((stop for _, stop in offsets.values()), default=0)
+    data = torch.empty((count, size), dtype=torch.uint8)
+    for name, (start, stop) in offsets.items():
+        data[:, start:stop] = stacks[name].reshape(count, -1).view(torch.uint8)
+    rows = data.numpy()
+    bodies = []
+    for skeleton, row in zip(skeletons, rows):
+        header = _metadata_prefix(skeleton) + tail
+        header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes with spaces
+        bodies.append(len(header).to_bytes(8, "little") + header + row.tobytes())
+    return bodies
+
+
+def _metadata_prefix(skeleton: str) -> bytes:
+    return b'{"__metadata__":{"manynets":' + json.dumps(skeleton, ensure_ascii=False).encode() + b"}"
+
+
+def _header_layout(body: bytes, skeleton: str) -> tuple[bytes, dict[str, tuple[int, int]]] | None:
+    """What follows the metadata in a safetensors body's header, and each tensor's data offsets;
+    None where the header does not read as expected (checkpoint_bodies then serialises each network)."""
+    size = int.from_bytes(body[:8], "little")
+    header = body[8 : 8 + size].rstrip(b" ")
+    prefix = _metadata_prefix(skeleton)
+    if sys.byteorder != "little" or not header.startswith(prefix):
+        return None
+    entries = json.loads(header)
+    entries.pop("__metadata__", None)
+    return header[len(prefix) :], {name: tuple(entry["data_offsets"]) for name, entry in entries.items()}
 
 
 # Tensor types numpy holds as they are; safetensors writes them the same through numpy or torch.
@@ -189,14 +266,18 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} passed its checksum but cannot be loaded: {exc}") from exc
 
 
-def latest_valid_checkpoint(folder: Path, below: int) -> tuple[int, dict | None, list[str]]:
+def latest_valid_checkpoint(
+    folder: Path, below: int, iterations: list[int] | None = None
+) -> tuple[int, dict | None, list[str]]:  # fmt: skip
     """The newest checkpoint in `folder` with iteration < `below` that loads, newest first.
 
     Returns (iteration, state, problems): iteration 0 and state None when none is usable, and one
-    line per bad checkpoint skipped on the way, so the caller can report it.
+    line per bad checkpoint skipped on the way, so the caller can report it. `iterations`: the
+    folder's checkpoint_iterations where the caller has just listed them.
     """
     problems: list[str] = []
-    for iteration in reversed([i for i in checkpoint_iterations(folder) if i < below]):
+    listed = checkpoint_iterations(folder) if iterations is None else iterations
+    for iteration in reversed([i for i in listed if i < below]):
         try:
             return iteration, load_checkpoint(checkpoint_path(folder, iteration)), problems
         except CheckpointError as exc:

@@ -23,6 +23,7 @@ from models import ModelSpec, build_model
 from models.spec import ARCHITECTURES
 from tasks.series import Windows, make_windows
 from tasks.storage import (
+    checkpoint_body,
     checkpoint_iterations,
     checkpoint_path,
     journal_event,
@@ -31,7 +32,7 @@ from tasks.storage import (
     network_dir,
     prune_checkpoints,
     read_values,
-    save_checkpoint,
+    write_checkpoint_body,
 )
 
 logger = logging.getLogger(__name__)
@@ -266,21 +267,32 @@ def save_iteration(
 ) -> None:  # fmt: skip
     """Checkpoint a network after iteration `step`, journal it and prune old checkpoints.
 
-    The one checkpoint format, whichever strategy trained the network: any strategy can resume it.
+    The one checkpoint format, whichever strategy trained the network: any strategy can resume it
+    (the fused path encodes the same state for a whole group with checkpoint_bodies).
     `optimizer_state` is in torch.optim.Adam's state-dict layout.
     """
-    save_checkpoint(
-        checkpoint_path(folder, step),
-        {
-            "iteration": step,
-            "spec": spec.fingerprint(),
-            "model": {k: v.cpu() for k, v in model_state.items()},
-            "optimizer": _to_cpu(optimizer_state),
-            "generator": generator.get_state(),
-            "metrics": metrics,
-            "scale": {"mean": windows.mean, "std": windows.std},
-        },
-    )
+    state = {**checkpoint_values(step, spec.fingerprint(), metrics, windows),
+             **checkpoint_tensors(model_state, optimizer_state, generator.get_state())}  # fmt: skip
+    write_iteration(folder, step, checkpoint_body(state), worker)
+
+
+def checkpoint_values(step: int, fingerprint: str, metrics: dict, windows: Windows) -> dict:
+    """The part of a network's checkpoint that holds no tensors (first in its state)."""
+    return {"iteration": step, "spec": fingerprint, "metrics": metrics,
+            "scale": {"mean": windows.mean, "std": windows.std}}  # fmt: skip
+
+
+def checkpoint_tensors(model_state: dict, optimizer_state: dict, generator_state: torch.Tensor) -> dict:
+    """The part of a network's checkpoint that holds its tensors: weights, Adam state, RNG state.
+
+    The fused path passes tensors stacked over its networks (see checkpoint_bodies)."""
+    return {"model": {k: v.cpu() for k, v in model_state.items()}, "optimizer": _to_cpu(optimizer_state),
+            "generator": generator_state}  # fmt: skip
+
+
+def write_iteration(folder, step: int, body: bytes, worker: str) -> None:
+    """Write a network's checkpoint body for iteration `step`, journal it and prune old checkpoints."""
+    write_checkpoint_body(checkpoint_path(folder, step), body)
     journal_event(folder, "done", step, worker)
     prune_checkpoints(folder, KEEP_CHECKPOINTS)
 

@@ -227,14 +227,14 @@ def test_a_failed_checkpoint_write_fails_the_task_after_the_other_writes_and_jou
 
     root, ids = ragged
     monkeypatch.setattr(tasks.fused, "fused_width", lambda architecture, device: 2)
-    real_save = tasks.training.save_iteration
+    real_write = tasks.training.write_iteration
 
-    def save_or_fail(folder, *args):
+    def write_or_fail(folder, *args):
         if folder == network_dir(root / "fused", "n2"):
             raise OSError("No space left on device")
-        real_save(folder, *args)
+        real_write(folder, *args)
 
-    monkeypatch.setattr(tasks.training, "save_iteration", save_or_fail)
+    monkeypatch.setattr(tasks.training, "write_iteration", write_or_fail)
     with pytest.raises(OSError, match="No space"):
         train_shard_iteration(0, ids, SPEC, 1, str(root / "fused"), strategy="fused")
     for sid in ids:

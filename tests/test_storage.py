@@ -43,6 +43,45 @@ def test_checkpoint_bodies_are_safetensors_byte_for_byte_and_bfloat16_still_roun
     assert loaded["model"]["w"].dtype == torch.bfloat16 and torch.equal(loaded["model"]["w"], state["model"]["w"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bodies_encoded_together_are_byte_for_byte_each_networks_own_body(dtype):
+    from tasks.storage import checkpoint_bodies, checkpoint_body
+
+    generator = torch.Generator().manual_seed(0)
+    count = 5
+    stacked = {"model": {"w": torch.randn(count, 3, 4, generator=generator).to(dtype), "b": torch.randn(count, 4)},
+               "optimizer": {"state": {0: {"step": torch.arange(count, dtype=torch.float32),
+                                           "exp_avg": torch.rand(count, 3, 4, generator=generator)}},
+                             "param_groups": [{"params": [0], "betas": (0.9, 0.999), "lr": 1e-3}]},
+               "generator": torch.randint(0, 255, (count, 7), dtype=torch.uint8, generator=generator)}  # fmt: skip
+    own = [{"iteration": 2, "metrics": {"val_loss": 0.1 * k, "best": float("inf"), "note": None, "name": "é\"x"},
+            "scale": {"mean": k, "std": 1.5}} for k in range(count)]  # fmt: skip
+    bodies = checkpoint_bodies(own, stacked)
+
+    def row(value, k):
+        if isinstance(value, torch.Tensor):
+            return value[k]
+        if isinstance(value, dict):
+            return {key: row(item, k) for key, item in value.items()}
+        return value
+
+    assert len(bodies) == count
+    for k in range(count):
+        assert bodies[k] == checkpoint_body({**own[k], **row(stacked, k)})
+
+
+def test_bodies_encoded_together_refuse_what_they_cannot_encode_per_network():
+    from tasks.storage import checkpoint_bodies
+
+    with pytest.raises(ValueError, match="hold 3 networks"):
+        checkpoint_bodies([{}, {}, {}], {"w": torch.ones(2, 4)})
+    with pytest.raises(ValueError, match="no tensors"):
+        checkpoint_bodies([{"x": torch.ones(1)}], {"w": torch.ones(1, 4)})
+    with pytest.raises(ValueError, match="both"):
+        checkpoint_bodies([{"w": 1}], {"w": torch.ones(1, 4)})
+    assert checkpoint_bodies([], {"w": torch.ones(0, 4)}) == []
+
+
 def test_checkpoint_keeps_an_optimizer_state_dict_exactly(tmp_path):
     # Adam's state dict has int keys, tuples, 0-dim tensors; metrics may hold inf. All must come back
     # as they were, or a resumed optimizer would not load or would differ.
