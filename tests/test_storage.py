@@ -70,6 +70,21 @@ def test_bodies_encoded_together_are_byte_for_byte_each_networks_own_body(dtype)
         assert bodies[k] == checkpoint_body({**own[k], **row(stacked, k)})
 
 
+def test_bodies_encoded_together_fall_back_to_one_safetensors_call_each_where_the_header_is_not_as_expected(
+    monkeypatch,
+):  # fmt: skip
+    import tasks.storage
+    from tasks.storage import checkpoint_bodies, checkpoint_body
+
+    stacked = {"model": {"w": torch.randn(3, 2, 2)}, "step": torch.arange(3.0)}
+    own = [{"metrics": {"val_loss": float(k)}} for k in range(3)]
+    monkeypatch.setattr(tasks.storage, "_header_layout", lambda body, skeleton: None)  # e.g. a new safetensors
+    bodies = checkpoint_bodies(own, stacked)
+    for k in range(3):
+        alone = {**own[k], "model": {"w": stacked["model"]["w"][k]}, "step": stacked["step"][k]}
+        assert bodies[k] == checkpoint_body(alone)
+
+
 def test_bodies_encoded_together_refuse_what_they_cannot_encode_per_network():
     from tasks.storage import checkpoint_bodies
 
