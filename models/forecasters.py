@@ -142,7 +142,8 @@ def init_plan(model: nn.Module) -> list[InitStep]:
             steps.append((f"{at}out_proj.bias", "fill_", (0.0,)))
         if isinstance(module, TransformerForecaster):
             steps.append((f"{at}position", "normal_", (0.0, 0.02)))
-    unwritten = [name for name, _ in model.named_parameters() if name not in {step[0] for step in steps}]
+    written = {name for name, _, _ in steps}
+    unwritten = [name for name, _ in model.named_parameters() if name not in written]
     if unwritten:
         raise TypeError(f"no default initialisation for parameter(s) {', '.join(unwritten)} of {type(model).__name__}")
     return steps

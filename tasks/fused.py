@@ -136,7 +136,8 @@ def _masked_mse(pred, target, mask) -> torch.Tensor:
     """Per-network mean squared error over real rows only; (K,). `where`, not a product, so a
     network whose predictions are NaN cannot leak NaN into the others' gradients."""
     squared = F.mse_loss(pred, target, reduction="none")  # one fused backward op
-    if bool(mask.all()):  # the usual step: no masking pass (0.42 vs 1.15 ms with its backward, 128 MLPs)
+    # The usual step: no masking pass (0.42 vs 1.15 ms with its backward, 128 MLPs, with the earlier formula).
+    if bool(mask.all()):
         return squared.mean(dim=(1, 2))
     squared = torch.where(mask.unsqueeze(-1), squared, torch.zeros((), device=pred.device))
     return squared.sum(dim=(1, 2)) / (mask.sum(dim=1).clamp(min=1) * pred.shape[-1])

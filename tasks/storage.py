@@ -188,11 +188,14 @@ def checkpoint_bodies(own: list[dict], stacked: dict) -> list[bytes]:
         skeletons.append('{"$dict": [' + ", ".join(pairs + shared_pairs) + "]}")
     if not count:
         return []
-    first = _safetensors_bytes({name: stack[0] for name, stack in stacks.items()}, {"manynets": skeletons[0]})
+
+    def alone(k: int) -> bytes:  # network k's body through safetensors itself
+        return _safetensors_bytes({name: stack[k] for name, stack in stacks.items()}, {"manynets": skeletons[k]})
+
+    first = alone(0)
     layout = _header_layout(first, skeletons[0])
     if layout is None:  # a safetensors whose header we cannot reproduce: each network through it
-        return [first] + [_safetensors_bytes({name: stack[k] for name, stack in stacks.items()}, {"manynets": s})
-                          for k, s in enumerate(skeletons[1:], start=1)]  # fmt: skip
+        return [first] + [alone(k) for k in range(1, count)]
     tail, offsets = layout
     size = max((stop for _, stop in offsets.values()), default=0)
     data = torch.empty((count, size), dtype=torch.uint8)
