@@ -1,10 +1,13 @@
 """The cost model: features, a non-negative relative-error fit, priors, online refits, history."""
 
+import time
+
 import numpy as np
 import pytest
 
 from models import ModelSpec, build_model
-from tasks.calibration import SHAPES, calibrate, prior_from
+from tasks import calibration
+from tasks.calibration import FUSED_EXTRAS, REPEATS, SHAPES, calibrate, prior_from
 from tasks.cost_model import (
     CostModel,
     TaskWork,
@@ -80,8 +83,36 @@ def test_history_round_trip_gives_the_next_run_a_prior(tmp_path):
 
 def test_calibration_times_real_tasks_and_yields_a_usable_prior():
     observations = calibrate(SPEC, "fused", "cpu", shortest=20, longest=400)
-    assert len(observations) == len(SHAPES) - 1 and all(seconds > 0 for _, seconds in observations)
+    # Every shape but the warm-up, and (within the budget these tiny tasks leave) the fused extras.
+    assert len(observations) == len(SHAPES) - 1 + len(FUSED_EXTRAS)
+    assert all(seconds > 0 for _, seconds in observations)
     assert {w.key for w, _ in observations} == {("mlp", "fused", "cpu")}
+    assert max(w.networks for w, _ in observations) == 128  # one whole fused group of MLPs on a CPU
     model = CostModel(prior_from(observations))
     small, large = describe_task([20], SPEC, "fused", "cpu"), describe_task([400] * 64, SPEC, "fused", "cpu")
     assert 0 < model.predict(small) < model.predict(large)
+
+
+def test_calibration_keeps_the_fastest_of_repeated_timings(monkeypatch):
+    calls = []
+    real = calibration.train_shard_iteration
+
+    def slow_first_time(shard, ids, *args, **kwargs):
+        repeat = int(ids[0].split("-")[2])
+        calls.append((shard, repeat))
+        if repeat == 0 and shard:
+            time.sleep(0.1)  # the first timing of every shape is disturbed
+        return real(shard, ids, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "train_shard_iteration", slow_first_time)
+    observations = calibrate(SPEC, "one_by_one", "cpu", shortest=20, longest=100)
+    assert len(observations) == len(SHAPES) - 1  # one by one: no whole fused groups
+    assert all(seconds < 0.1 for _, seconds in observations)  # each shape's undisturbed repeat was kept
+    assert sorted(set(calls)) == [(0, 0)] + [(s, r) for s in range(1, len(SHAPES)) for r in range(REPEATS)]
+
+
+def test_calibration_adds_nothing_optional_once_its_budget_is_spent():
+    observations = calibrate(SPEC, "fused", "cpu", shortest=20, longest=100, budget_seconds=0.0)
+    assert len(observations) == len(SHAPES) - 1 and max(w.networks for w, _ in observations) == 16
+
+
