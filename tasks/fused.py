@@ -178,7 +178,9 @@ def train_fused_iteration(
     """Train iteration `iteration` of `members` together and checkpoint each network.
 
     Returns, per series id, (train_loss, val_loss, train_windows, seconds) or the exception that
-    failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint. Each
+    failed that network (a NaN/inf loss); a failed network keeps its last good checkpoint. The
+    group's time is split by the windows each network trained (windows x epochs), so every
+    network of a group shows the group's seconds per window. Each
     member's `progress` is updated: a network that stops early is masked out of the remaining
     steps and checkpointed where it stopped, as it would have been alone.
 
@@ -209,6 +211,7 @@ def train_fused_iteration(
     upto_at = [int((counts > s * batch).sum()) for s in range((int(counts.max()) + batch - 1) // batch)]
     # Who still trains this iteration: neither blown up nor stopped early.
     active = torch.ones(k_count, dtype=torch.bool)
+    windows_trained = torch.zeros(k_count, dtype=torch.float64)
     last_loss = torch.full((k_count,), float("nan"))
     errors: dict[str, Exception] = {}
     watching = spec.early_stopping_patience is not None
@@ -225,6 +228,7 @@ def train_fused_iteration(
         if not active.any():
             break
         stacked.train()
+        windows_trained += torch.where(active, counts, 0)
         optimizer.lr = torch.tensor([spec.learning_rate_at(m.progress.epochs_trained) for m in members],
                                     dtype=torch.float64)  # fmt: skip
         # Columns up to the longest active network only: a step never computes rows no network has
@@ -263,7 +267,9 @@ def train_fused_iteration(
             members[k].progress.after_epoch(float(val_now[k]) if watching else None, spec)
             active[k] = not members[k].progress.stopped
     val_losses = validation_losses()
-    seconds = (time.perf_counter() - started) / k_count  # the shared time, split evenly
+    # Split evenly, a group's short networks were charged most of each step's fixed cost: `make
+    # run`'s seconds per window then rose along every group, a staircase that was no slowdown.
+    seconds = ((time.perf_counter() - started) * windows_trained / windows_trained.sum().clamp(min=1)).tolist()
     results: dict[str, tuple[float, float, int, float] | Exception] = dict(errors)
     fingerprint = spec.fingerprint()
     metrics = [{"train_loss": float(last_loss[k]), "val_loss": float(val_losses[k]), "train_windows": int(counts[k]),
@@ -278,7 +284,8 @@ def train_fused_iteration(
         if m.series_id in errors:
             continue
         writers.write(write_iteration, network_dir(output_dir, m.series_id), iteration, bodies[k], worker)
-        results[m.series_id] = (metrics[k]["train_loss"], metrics[k]["val_loss"], metrics[k]["train_windows"], seconds)
+        results[m.series_id] = (metrics[k]["train_loss"], metrics[k]["val_loss"], metrics[k]["train_windows"],
+                                seconds[k])  # fmt: skip
     return results
 
 

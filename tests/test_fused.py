@@ -1,6 +1,7 @@
 """The fused engine trains each network exactly as it would be trained alone."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -208,6 +209,24 @@ def test_a_shard_wider_than_a_fused_group_trains_in_groups_that_still_match_alon
         train_shard_iteration(0, ids, spec, iteration, str(root / "alone"), strategy="one_by_one")
     for sid in ids:
         assert_same_network(checkpoint(root / "fused", sid, 2), checkpoint(root / "alone", sid, 2))
+
+
+def test_a_fused_groups_time_is_split_by_the_windows_each_network_trained(ragged, monkeypatch):
+    import tasks.fused
+
+    root, ids = ragged
+    monkeypatch.setattr(tasks.fused, "fused_width", lambda architecture, device: 3)  # groups of 3 and 2
+    started = time.perf_counter()
+    result = train_shard_iteration(0, ids, SPEC, 1, str(root / "fused"), strategy="fused")
+    wall = time.perf_counter() - started
+    per_window = {n.series_id: n.seconds / n.train_windows for n in result.networks}
+    # The longest three (700, 300, 130 points) share a group; within it every network shows the same seconds per window.
+    groups = [["n1", "n3", "n2"], ["n0", "n4"]]
+    for group in groups:
+        assert per_window[group[0]] > 0
+        for sid in group[1:]:
+            assert per_window[sid] == pytest.approx(per_window[group[0]], rel=1e-9)
+    assert 0 < sum(n.seconds for n in result.networks) <= wall
 
 
 def test_fused_groups_are_capped_on_cpu_only_and_narrower_for_recurrent_and_attention_networks():
