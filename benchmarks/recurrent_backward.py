@@ -5,7 +5,9 @@ alternative measured here runs the forward without recording, keeps each step's 
 preallocated buffers, and walks the steps back once by hand, with the recurrent weight's gradient as
 one product over all steps. Both compute the same gradients (checked here to float tolerance); the
 question is only time. One forward+backward of K stacked GRU layers (batch 128, 32 steps, 32 wide),
-one thread, best of 5. Prints a table and writes benchmarks/results/recurrent_backward.json.
+one thread, best of 5; against it, what a plain loop pays for the same layer: oneDNN's `nn.GRU`
+(one layer, input size 1) forward and backward K times.
+Prints a table and writes benchmarks/results/recurrent_backward.json.
 Run: `python -m benchmarks.recurrent_backward [--widths 4 16 64]`.
 """
 
@@ -76,8 +78,8 @@ class HandWrittenGRULayer(torch.autograd.Function):
 
 
 def autograd_layer(layer: StackedGRU, projected, weight_hh, bias_hh) -> torch.Tensor:
-    """The engine's layer (recorded by autograd), from and to the (K, T, B, .) layout used here."""
-    return torch.stack(layer.run_layer(projected.transpose(0, 1), weight_hh, bias_hh), dim=1)
+    """The engine's layer (recorded by autograd), in the (K, T, B, .) layout it and this benchmark share."""
+    return torch.stack(layer.run_layer(projected, weight_hh, bias_hh), dim=1)
 
 
 def best_of(fn, repeats: int = 5) -> float:
@@ -112,14 +114,25 @@ def main(argv: list[str] | None = None) -> None:
         error = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*grads))
         hand = best_of(lambda: HandWrittenGRULayer.apply(projected, weight_hh, bias_hh)[:, -1].sum().backward())
         auto = best_of(lambda: autograd_layer(layer, projected, weight_hh, bias_hh)[:, -1].sum().backward())
-        rows.append({"networks": width, "hand_written_s": hand, "autograd_s": auto, "max_relative_gradient_error": error})
+        single, inputs = torch.nn.GRU(1, spec.hidden, batch_first=True), torch.randn(128, spec.window, 1)
+
+        def onednn_loop():
+            for _ in range(width):
+                single(inputs)[0][:, -1].sum().backward()
+
+        onednn = best_of(onednn_loop)
+        rows.append({"networks": width, "hand_written_s": hand, "autograd_s": auto, "onednn_loop_s": onednn,
+                     "max_relative_gradient_error": error})  # fmt: skip
         print(rows[-1], flush=True)
     view = Table(title="one stacked GRU layer, forward + backward, batch 128, 32 steps, 1 thread (best of 5)")
-    for column in ("K", "hand-written BPTT ms", "autograd ms", "autograd / hand-written", "max rel. grad. error"):
+    for column in ("K", "hand-written BPTT ms", "autograd ms", "autograd / hand-written", "oneDNN nn.GRU x K ms",
+                   "oneDNN / autograd", "max rel. grad. error"):  # fmt: skip
         view.add_column(column, justify="right")
     for r in rows:
         view.add_row(str(r["networks"]), f"{1e3 * r['hand_written_s']:.1f}", f"{1e3 * r['autograd_s']:.1f}",
-                     f"{r['autograd_s'] / r['hand_written_s']:.2f}x", f"{r['max_relative_gradient_error']:.1e}")  # fmt: skip
+                     f"{r['autograd_s'] / r['hand_written_s']:.2f}x", f"{1e3 * r['onednn_loop_s']:.1f}",
+                     f"{r['onednn_loop_s'] / r['autograd_s']:.2f}x",
+                     f"{r['max_relative_gradient_error']:.1e}")  # fmt: skip
     Console(width=120).print(view)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recurrent_backward.json").write_text(json.dumps(
