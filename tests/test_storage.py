@@ -183,6 +183,29 @@ def test_read_values_explains_a_missing_stage(tmp_path):
         read_values(tmp_path, "missing")
 
 
+@pytest.mark.parametrize("length", [1, 5, 100_000])
+def test_staged_values_read_back_exactly_and_writable(tmp_path, length):
+    values = np.random.default_rng(length).normal(size=length).astype(np.float32)
+    stage_values(tmp_path, "s", values)
+    back = read_values(tmp_path, "s")
+    assert back.dtype == np.float32 and back.flags.writeable
+    np.testing.assert_array_equal(back, values)
+
+
+def test_values_files_not_in_the_staged_layout_are_read_by_numpy_and_pickles_refused(tmp_path):
+    path = network_dir(tmp_path, "s") / "values.npy"
+    path.parent.mkdir(parents=True)
+    for other in (np.arange(4.0), np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(3, dtype=">f4")):
+        np.save(path, other)
+        np.testing.assert_array_equal(read_values(tmp_path, "s"), other)
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        read_values(tmp_path, "s")
+    path.write_bytes(path.read_bytes()[:60])  # a torn file
+    with pytest.raises(ValueError):
+        read_values(tmp_path, "s")
+
+
 def test_run_dir_refuses_another_spec(tmp_path):
     claim_run_dir(tmp_path, {"hidden": 1}, "aaa")
     claim_run_dir(tmp_path, {"hidden": 1}, "aaa")  # same spec: resume
