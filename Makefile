@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test serve bench bench-chaos data clean
+.PHONY: install run test serve bench bench-chaos gpu-wheels data clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ bench: install
 
 bench-chaos: install
 	$(PY) -m benchmarks.chaos $(ARGS)
+
+# What a lent GPU machine's image (Python 3.12, its own torch) lacks for benchmarks/gpu_check.sh:
+# wheels, carried there in .whl (ignored by git). Versions are those this project is tested with.
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+		typing-extensions==4.16.0
 
 data: install
 	$(PY) -m data.generate --series 1660 --out data/series.parquet

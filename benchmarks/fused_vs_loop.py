@@ -20,8 +20,9 @@ Achieved FLOP/s counts 3 x the forward multiply-adds x 2 per training sample (fo
 and is set against the peak of a float32 batched matmul measured in the same run.
 Prints a table and writes benchmarks/results/fused_vs_loop.json (or fused_short_series.json).
 With --repeats R, each one-thread way is timed R times, interleaved, and the fastest kept.
+With --device cuda, the loop and the engine both train on the GPU (benchmarks/gpu_check.sh runs it).
 Run: `python -m benchmarks.fused_vs_loop [--architectures mlp lstm gru transformer] [--sizes 64 256 1660]
-[--epochs 5] [--other-epochs 1] [--every-core] [--skip-one-by-one] [--repeats 1] [--short]`.
+[--epochs 5] [--other-epochs 1] [--every-core] [--skip-one-by-one] [--repeats 1] [--device cpu] [--short]`.
 """
 
 from __future__ import annotations
@@ -61,16 +62,20 @@ def user_model(spec: ModelSpec) -> nn.Module:
     return {"lstm": LSTMForecaster, "gru": GRUForecaster, "transformer": TransformerForecaster}[spec.architecture](spec)
 
 
-def plain_loop(series, spec: ModelSpec) -> float:
-    """The user's loop: one fresh model and optimizer per series, trained and evaluated in turn."""
+def plain_loop(series, spec: ModelSpec, device: str = "cpu") -> float:
+    """The user's loop: one fresh model and optimizer per series, trained and evaluated in turn.
+
+    On a GPU as a user would move it there: each series' windows and its model once, batches
+    drawn on the device; the validation loss's .item() waits for the device every series.
+    """
     started = time.perf_counter()
     for item in series:
         w = make_windows(item.values, spec)
-        x, y = torch.tensor(w.x_train), torch.tensor(w.y_train)
-        model = user_model(spec)
+        x, y = torch.tensor(w.x_train, device=device), torch.tensor(w.y_train, device=device)
+        model = user_model(spec).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
         for _ in range(spec.epochs_per_iteration):
-            order = torch.randperm(len(x))
+            order = torch.randperm(len(x), device=device)
             for start in range(0, len(x), spec.batch_size):
                 idx = order[start : start + spec.batch_size]
                 loss = F.mse_loss(model(x[idx]), y[idx])
@@ -78,18 +83,18 @@ def plain_loop(series, spec: ModelSpec) -> float:
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
-            F.mse_loss(model(torch.tensor(w.x_val)), torch.tensor(w.y_val)).item()
+            F.mse_loss(model(torch.tensor(w.x_val, device=device)), torch.tensor(w.y_val, device=device)).item()
     return time.perf_counter() - started
 
 
-def engine(series, spec: ModelSpec, strategy: str) -> float:
+def engine(series, spec: ModelSpec, strategy: str, device: str = "cpu") -> float:
     """train_shard_iteration over all the series as one shard, staged data and checkpoints included."""
     with tempfile.TemporaryDirectory(prefix="manynets-fused-") as scratch:
         for item in series:
             stage_values(scratch, item.series_id, item.values)
         started = time.perf_counter()
-        result = train_shard_iteration(0, [s.series_id for s in series], spec, 1, scratch, strategy=strategy)
-        seconds = time.perf_counter() - started
+        result = train_shard_iteration(0, [s.series_id for s in series], spec, 1, scratch, device, strategy=strategy)
+        seconds = time.perf_counter() - started  # every checkpoint is on the host: the device is done
     assert all(n.status == "trained" for n in result.networks), [n.error for n in result.networks if n.error]
     return seconds
 
@@ -196,8 +201,12 @@ def main(argv: list[str] | None = None) -> None:
                              "--every-core then runs the engine fused")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1,
                         help="time each one-thread way this many times, interleaved, and keep the fastest")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: the loop and the engine both there")
     parser.add_argument("--output", default="fused_vs_loop.json", help="file name under benchmarks/results")
     args = parser.parse_args(argv)
+    device = args.device
+    if device != "cpu" and args.every_core:
+        parser.error("--every-core compares CPU workers with the CPU loop; leave it out with --device " + device)
     if args.short:
         short_series(args.short_epochs, args.short_series, args.shard_size)
         return
@@ -207,9 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     # 7.1-7.9 s before, 7.5-8.2 s after; 16 GRUs 3.9-4.8 s and 4.2-5.3 s).
     keep_freed_memory()
     table = load_table(BUNDLED_SERIES)
-    warm_up()
-    peak = peak_flops()
-    print(f"float32 bmm peak, 1 thread: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    warm_up(device)
+    peak = peak_flops(device)
+    where = "1 thread" if device == "cpu" else device
+    print(f"float32 bmm peak, {where}: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for architecture in args.architectures:
         epochs = args.epochs if architecture == "mlp" else args.other_epochs
@@ -223,10 +233,10 @@ def main(argv: list[str] | None = None) -> None:
             # each is kept (the least disturbed), every timing is recorded.
             timings: dict[str, list[float]] = {"plain_loop": [], "one_by_one": [], "fused": []}
             for _ in range(args.repeats):
-                timings["plain_loop"].append(plain_loop(series, spec))
+                timings["plain_loop"].append(plain_loop(series, spec, device))
                 if not args.skip_one_by_one:
-                    timings["one_by_one"].append(engine(series, spec, "one_by_one"))
-                timings["fused"].append(engine(series, spec, "fused"))
+                    timings["one_by_one"].append(engine(series, spec, "one_by_one", device))
+                timings["fused"].append(engine(series, spec, "fused", device))
             loop, fused = min(timings["plain_loop"]), min(timings["fused"])
             one_by_one = min(timings["one_by_one"]) if timings["one_by_one"] else None
             machine = {}
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                          "fused_share_of_peak": flop / fused / peak})  # fmt: skip
             print(rows[-1], flush=True)
     fastest = f", fastest of {args.repeats} interleaved" if args.repeats > 1 else ""
-    view = Table(title=f"One iteration of N networks, 1 thread{fastest}: seconds, throughput, speedup over the "
+    view = Table(title=f"One iteration of N networks, {where}{fastest}: seconds, throughput, speedup over the "
                        "plain loop")  # fmt: skip
     for column in ("arch", "epochs", "networks", "samples", "plain loop s", "one-by-one s", "fused s",
                    "fused samples/s", "fused vs loop", "one-by-one vs loop", "fused GFLOP/s", "of bmm peak"):  # fmt: skip
@@ -272,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         Console(width=170).print(view)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.output).write_text(json.dumps(
-        {"benchmark": "fused_vs_loop", "peak_bmm_gflops": peak / 1e9, "threads": 1,
+        {"benchmark": "fused_vs_loop", "device": device, "peak_bmm_gflops": peak / 1e9, "threads": 1,
          "default_threads": default_threads, "cores": cores, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
          "rows": rows}, indent=2))  # fmt: skip
     print(f"wrote {RESULTS / args.output}")

@@ -1,6 +1,7 @@
 """The fused engine trains each network exactly as it would be trained alone."""
 
 import math
+import os
 import time
 
 import numpy as np
@@ -10,9 +11,18 @@ import torch
 from models import ModelSpec
 from models.spec import ARCHITECTURES
 from tasks.storage import checkpoint_path, load_checkpoint, network_dir, stage_values
-from tasks.training import train_shard_iteration
+from tasks.training import train_shard_iteration as train_on_device
 
 SPEC = ModelSpec(hidden=16, layers=2, window=8, horizon=3, epochs_per_iteration=3, batch_size=16)
+
+
+# CPU here and in CI; MANYNETS_TEST_DEVICE=cuda runs every test of this file on a GPU (benchmarks/gpu_check.sh).
+DEVICE = os.environ.get("MANYNETS_TEST_DEVICE", "cpu")
+
+
+def train_shard_iteration(*args, **kwargs):
+    """tasks.training.train_shard_iteration on DEVICE."""
+    return train_on_device(*args, **{"device": DEVICE, **kwargs})
 
 
 def spec_for(architecture: str, **changes) -> ModelSpec:
