@@ -26,15 +26,16 @@ SHAPES = ((1, 0.0), (1, 0.0), (1, 1.0), (4, 0.0), (4, 1.0), (2, 0.5), (16, 0.25)
 # Fused only, after SHAPES while the budget lasts: one whole fused group (tasks.fused.fused_width;
 # None) at the longest and at the shortest length, and 16 networks at the longest. The shapes above
 # take 6-30 ms each for MLPs, mostly per-network and per-step costs, so they left the cost per
-# multiply-add to noise: four calibrations on one cluster predicted 1.6, 3.4, 3.6 and 5.7 s for
-# one 830-network shard.
+# multiply-add to noise: five calibrations with SHAPES alone predicted 1.21-6.60 s for a first task
+# of `make run` that took 3.2-3.9 s, five with these extras and repeats 2.82-3.31 s
+# (`python -m benchmarks.calibration_stability`).
 FUSED_EXTRAS = ((None, 1.0), (None, 0.0), (16, 1.0))
 # A shape faster than this is timed again while the budget lasts, and its fastest time kept: a
 # tiny task's time is its cost plus whatever else the machine did meanwhile.
 NOISY_SECONDS = 0.5
 REPEATS = 2
 # Seconds after which a calibration adds no more optional timings (fused extras, repeats): an MLP
-# calibration takes ~1.5 s in all; an LSTM's, GRU's or Transformer's SHAPES alone take 2-4 s.
+# calibration takes ~1.5-2 s in all; an LSTM's, GRU's or Transformer's SHAPES alone take 2-4 s.
 BUDGET_SECONDS = 3.0
 # The width of a whole group where fused groups have no cap (a GPU).
 UNCAPPED_GROUP = 64
