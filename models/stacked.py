@@ -8,7 +8,9 @@ Every layer is a batched matrix product over the K networks, written by hand: on
 `torch.func.vmap` over the single modules has no batching rule for `aten::lstm`/`aten::gru` at
 all, and over a Transformer encoder it ran 5.6x slower than a plain loop over 64 networks
 (`python -m benchmarks.stacking`, benchmarks/results/stacking_probe.json). Matrices are stored
-transposed, (K, fan_in, fan_out), and biases as (K, 1, n), so each layer is one `baddbmm`.
+transposed, (K, fan_in, fan_out), and biases as (K, 1, n), so each layer is one `baddbmm`. On a CPU
+the LSTM/GRU layers' time loop runs compiled where it can be built (models/native.py), and as the
+eager steps below elsewhere: the same computation.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import native
 from models.forecasters import float32_recurrence
-
 
 # A bound parameter is a strided view of the weight matrix, so its gradient (a view of the gradient
 # matrix) cannot be dense; PyTorch warns that this "may impair performance". It does not here: the
@@ -158,6 +160,9 @@ class _StackedRecurrent(StackedNetworks):
     """Shared by LSTM and GRU: input projections of a whole layer in one product, then the steps."""
 
     module = ""  # the single forecaster's attribute holding its nn.LSTM / nn.GRU
+    compiled_layer: type[torch.autograd.Function]  # models.native's layer, used where it is usable
+    # False runs the eager steps even where the compiled layer could run (tests compare the two).
+    use_compiled = True
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         k, batch, steps = x.shape
@@ -167,19 +172,28 @@ class _StackedRecurrent(StackedNetworks):
         # network, with no reordering copy of the whole projection (and none back in the backward).
         seq = x.transpose(1, 2).reshape(k, steps * batch, 1)
         with float32_recurrence(x.device.type):
-            outputs = self._layers(seq, w, k, batch, steps, layers)
-        return self.linear(outputs[-1], w, "head")
+            compiled = self.use_compiled and native.usable(seq)
+            last = self._layers(seq, w, k, batch, steps, layers, compiled)
+        return self.linear(last, w, "head")
 
-    def _layers(self, seq, w: dict, k: int, batch: int, steps: int, layers: int) -> list[torch.Tensor]:
-        """The last layer's hidden state at every step, (K, batch, hidden) each."""
+    def _layers(self, seq, w: dict, k: int, batch: int, steps: int, layers: int, compiled: bool) -> torch.Tensor:
+        """The last layer's hidden state at the last step, (K, batch, hidden)."""
         for layer in range(layers):
             at = f"{self.module}.%s_l{layer}"
-            # All time steps' input projections at once.
-            projected = torch.baddbmm(w[at % "bias_ih"], seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
-            outputs = self.run_layer(projected, w[at % "weight_hh"], w[at % "bias_hh"])
-            if layer < layers - 1:
-                seq = torch.stack(outputs, dim=1).reshape(k, steps * batch, -1)
-        return outputs
+            if compiled:
+                # The layer adds the input bias itself. Its output (K, time, batch, hidden) is the next
+                # layer's input as it is, with no stacking.
+                projected = torch.bmm(seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
+                hidden = self.compiled_layer.apply(projected, w[at % "weight_hh"], w[at % "bias_ih"], w[at % "bias_hh"])
+                seq, last = hidden.view(k, steps * batch, -1), hidden[:, -1]
+            else:
+                # All time steps' input projections at once.
+                projected = torch.baddbmm(w[at % "bias_ih"], seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
+                outputs = self.run_layer(projected, w[at % "weight_hh"], w[at % "bias_hh"])
+                last = outputs[-1]
+                if layer < layers - 1:
+                    seq = torch.stack(outputs, dim=1).reshape(k, steps * batch, -1)
+        return last
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
         """Every step's hidden state (K, batch, hidden) given projected inputs (K, time, batch, gates)."""
@@ -190,6 +204,7 @@ class StackedLSTM(_StackedRecurrent):
     """K LSTMForecasters (PyTorch's gate order i, f, g, o; zero initial state)."""
 
     module = "lstm"
+    compiled_layer = native.LSTMLayer
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
         h = c = None
@@ -210,6 +225,7 @@ class StackedGRU(_StackedRecurrent):
     """K GRUForecasters (PyTorch's gate order r, z, n; zero initial state)."""
 
     module = "gru"
+    compiled_layer = native.GRULayer
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
         h = None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import ModelSpec, build_model, fresh_weights
+from models import ModelSpec, build_model, fresh_weights, native
 from models.spec import ARCHITECTURES
 from models.stacked import StackedAdam, StackedNetworks, stack
 from tasks.series import Windows, for_iteration, make_windows, window_values
@@ -52,13 +52,21 @@ def fused_width(architecture: str, device: str) -> int | None:
     16.7 s of 16 and 16.1 / 15.0 s of 4 (`python -m benchmarks.fused_width --architecture lstm
     --networks 64 --epochs 1 --widths 16 8 4 16 8 4`); GRUs of 16 and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s;
     32: 10.3 / 10.7 s); Transformers of 8 beat 16 (64 networks: 22.6 / 23.4 s against 25.1 / 25.1 s;
-    4: 21.0 / 25.3 s). The recurrent and attention cap also keeps those fused tasks within the widths
-    calibration times (tasks/calibration.py), so the strategy choice does not rest on
+    4: 21.0 / 25.3 s). Those LSTM/GRU widths were for the eager stacked layer; the
+    compiled one (models/native.py) falls off a cache cliff sooner and is best in groups of 2-4: one
+    forward+backward of two-layer LSTMs, per network, took 4.9 / 5.0 / 6.2 ms at 2 / 4 / 8 networks
+    (`nn.LSTM` one by one: 6.0 ms), of GRUs 4.2 / 4.5 / 5.6 ms (`nn.GRU`: 12.3 ms); one fused iteration
+    of 64 GRUs, one epoch, took 3.5 / 3.5 s in groups of 2, 3.7 / 4.1 s of 4 and 5.7 / 5.9 s of 16, of
+    64 LSTMs 4.2 / 4.4 s of 2, 4.5 / 4.4 s of 4 and 5.3 / 5.1 s of 8 (`--architecture gru --networks 64
+    --epochs 1 --widths 4 2 4 2`). The recurrent and attention cap also keeps those fused tasks within
+    the widths calibration times (tasks/calibration.py), so the strategy choice does not rest on
     extrapolation. A GPU wants the widest batch it can get: no cap. A wider shard trains as
     consecutive groups, longest networks together.
     """
     if device.startswith("cuda"):
         return None
+    if architecture in {"lstm", "gru"} and native.load() is not None:
+        return 4
     return {"mlp": 128, "gru": 16}.get(architecture, 8)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models import ModelSpec, build_model
+from models import ModelSpec, build_model, native
 from models.spec import ARCHITECTURES
 from tasks.series import Windows, make_windows
 from tasks.storage import (
@@ -250,6 +250,8 @@ def warm_up(device: str = "cpu", architectures: tuple[str, ...] = ARCHITECTURES)
     would be charged to whichever network happens to come first. Only `architectures` are warmed:
     all four take ~1 s, which a run of MLPs alone need not wait for.
     """
+    if device == "cpu" and {"lstm", "gru"} & set(architectures):
+        native.load()  # built once per machine (~30 s), then loaded: never inside a timed task
     generator = torch.Generator().manual_seed(0)
     for architecture in architectures:
         spec = ModelSpec(architecture=architecture, hidden=4, layers=1, heads=1, window=4, horizon=2, batch_size=4,

@@ -243,8 +243,18 @@ def test_fused_groups_are_capped_on_cpu_only_and_narrower_for_recurrent_and_atte
     from tasks.fused import fused_width
 
     assert fused_width("mlp", "cuda") is None and fused_width("gru", "cuda:0") is None
-    assert fused_width("lstm", "cpu") == fused_width("transformer", "cpu") < fused_width("gru", "cpu") == 16
+    assert fused_width("lstm", "cpu") <= fused_width("transformer", "cpu") < fused_width("mlp", "cpu")
     assert fused_width("gru", "cpu") < fused_width("mlp", "cpu")
+
+
+def test_recurrent_groups_are_narrower_where_the_compiled_layer_runs(monkeypatch):
+    from models import native
+    from tasks.fused import fused_width
+
+    monkeypatch.setattr(native, "load", lambda: object())
+    assert fused_width("lstm", "cpu") == fused_width("gru", "cpu") == 4
+    monkeypatch.setattr(native, "load", lambda: None)
+    assert fused_width("lstm", "cpu") == 8 and fused_width("gru", "cpu") == 16
 
 
 def test_a_failed_checkpoint_write_fails_the_task_after_the_other_writes_and_journals_every_start(ragged, monkeypatch):

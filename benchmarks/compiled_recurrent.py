@@ -1,0 +1,81 @@
+"""The compiled stacked LSTM/GRU layer against the eager stacked one and against a plain loop, per group width.
+
+One training step (forward, MSE loss, backward) of K two-layer forecasters (32 wide, window 32, batch
+128), one thread, best of R: stacked with the compiled layer (models/native.py), stacked with the
+eager steps (models/stacked.py), and K single `nn.LSTM`/`nn.GRU` forecasters one after another (what a
+plain loop pays; oneDNN's fused RNN kernels on this CPU). The width where the compiled column per
+network is lowest is what tasks.fused.fused_width should hold. Prints a table and writes
+benchmarks/results/compiled_recurrent.json (or --output).
+Run: `python -m benchmarks.compiled_recurrent [--widths 1 2 4 8 16] [--repeats 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from models import ModelSpec, build_model, native
+from benchmarks.recurrent_backward import best_of
+from models.stacked import stack
+from tasks.allocator import keep_freed_memory
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def measure(architecture: str, width: int, repeats: int) -> dict:
+    spec = ModelSpec(architecture=architecture, hidden=32, layers=2, window=32, horizon=1)
+    generator = torch.Generator().manual_seed(0)
+    networks = [build_model(spec, generator) for _ in range(width)]
+    compiled, eager = stack(architecture, networks), stack(architecture, networks)
+    eager.use_compiled = False
+    x, y = torch.randn(width, 128, spec.window), torch.randn(width, 128, spec.horizon)
+
+    def stacked_step(model):
+        model.grads.zero_()
+        ((model(x) - y) ** 2).mean(dim=(1, 2)).sum().backward()
+
+    def loop_step():
+        for k, network in enumerate(networks):
+            network.zero_grad()
+            ((network(x[k]) - y[k]) ** 2).mean().backward()
+
+    seconds = {"compiled": best_of(lambda: stacked_step(compiled), repeats),
+               "eager": best_of(lambda: stacked_step(eager), repeats), "loop": best_of(loop_step, repeats)}  # fmt: skip
+    return {"architecture": architecture, "width": width, **{f"{k}_ms": v * 1e3 for k, v in seconds.items()},
+            "loop_over_compiled": seconds["loop"] / seconds["compiled"]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architectures", nargs="+", default=["lstm", "gru"])
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", default="compiled_recurrent.json", help="file name under benchmarks/results")
+    args = parser.parse_args(argv)
+    if native.load() is None:
+        raise SystemExit("the compiled recurrent layer could not be built here (see the warning above)")
+    torch.set_num_threads(1)
+    keep_freed_memory()  # as on the engine's workers
+    rows = [measure(a, w, args.repeats) for a in args.architectures for w in args.widths]
+    table = Table(title=f"one training step of K two-layer networks, 1 thread, best of {args.repeats}")
+    for column in ("arch", "K", "compiled ms", "eager ms", "loop ms", "compiled / network", "loop / compiled"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["architecture"], str(r["width"]), f"{r['compiled_ms']:.1f}", f"{r['eager_ms']:.1f}",
+                      f"{r['loop_ms']:.1f}", f"{r['compiled_ms'] / r['width']:.2f}", f"{r['loop_over_compiled']:.2f}x")
+    Console().print(table)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / args.output
+    out.write_text(json.dumps({"benchmark": "compiled_recurrent", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "threads": 1, "rows": rows}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+// One stacked LSTM or GRU layer of K networks over all time steps, forward and backward, on a CPU.
+//
+// The eager stacked layer spends most of its time in ~10 small elementwise kernels a step (and ~20 in
+// the backward), each a pass over memory. Here each step is one batched product (ATen's, so MKL's)
+// and one vectorized pass over the gates, and the backward is written out (BPTT) the same way.
+// Layouts are those of models/stacked.py: projected inputs (K, T, B, G) without their bias (adding
+// it here saves the pass that broadcasts it), recurrent weights (K, H, G), biases (K, 1, G), hidden
+// states (K, T, B, H). Gate orders are
+// PyTorch's: LSTM i, f, g, o (G = 4H); GRU r, z, n (G = 3H), with the n gate's recurrent bias inside r.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+namespace {
+
+// exp by Cephes' range reduction and polynomial (about 1 ulp), in plain arithmetic so that the
+// compiler vectorizes the loops calling it: rounding is done by adding and taking away 1.5 * 2^23
+// (floorf does not vectorize without -ffast-math, which would also assume NaN away). NaN stays NaN:
+// a comparison with NaN is false, so the clamps pass it through, and a network that diverges keeps
+// showing NaN for the engine to isolate.
+inline float exp_approx(float x) {
+  x = x > 88.0f ? 88.0f : x;
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  return y * __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
+}
+inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+
+void check(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions");
+}
+
+// Every (network, sample) row of steps t of a (K, T, B, n) tensor, as row pointers' offsets.
+struct Rows {
+  int64_t K, T, B;
+  int64_t at(int64_t kb, int64_t t) const { return ((kb / B) * T + t) * B + kb % B; }
+};
+
+// Checks a layer's inputs (float32 CPU tensors, shapes agreeing for `gates` gates) and returns the hidden size.
+int64_t checked_hidden(const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+                       const at::Tensor& bias_hh, int64_t gates, const char* layer) {
+  check(projected, "projected", 4); check(weight_hh, "weight_hh", 3);
+  check(bias_ih, "bias_ih", 3); check(bias_hh, "bias_hh", 3);
+  const int64_t K = projected.size(0), G = projected.size(3), H = G / gates;
+  TORCH_CHECK(G == gates * H && weight_hh.size(0) == K && weight_hh.size(1) == H && weight_hh.size(2) == G &&
+              bias_ih.numel() == K * G && bias_hh.numel() == K * G, layer, ": shapes do not agree");
+  return H;
+}
+
+// f(kb) for every (network, sample) row kb of a step, on ATen's threads.
+template <typename F>
+void for_each_row(int64_t rows, const F& f) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t kb = begin; kb < end; ++kb) f(kb);
+  });
+}
+
+// The recurrent weights' gradient (K, H, G): every step's contribution in one product, from the hidden
+// states (K, T, B, H) and the gradient of the recurrent pre-activations (K, T, B, G).
+at::Tensor recurrent_weight_grad(const at::Tensor& hs, const at::Tensor& grad_recurrent) {
+  const int64_t K = hs.size(0), T = hs.size(1), B = hs.size(2), H = hs.size(3), G = grad_recurrent.size(3);
+  if (T < 2) return at::zeros({K, H, G}, hs.options());
+  return at::bmm(hs.narrow(1, 0, T - 1).reshape({K, (T - 1) * B, H}).transpose(1, 2),
+                 grad_recurrent.narrow(1, 1, T - 1).reshape({K, (T - 1) * B, G}));
+}
+
+// ---- LSTM -----------------------------------------------------------------------------------------
+
+// One row of one step: pre-activations in; activated gates, c, tanh(c) and h out.
+inline void lstm_cell(int64_t H, const float* __restrict p, const float* __restrict bias,
+                      const float* __restrict rec, const float* __restrict c_prev, float* __restrict gates,
+                      float* __restrict c, float* __restrict tc, float* __restrict h) {
+  for (int64_t j = 0; j < 4 * H; ++j) gates[j] = p[j] + bias[j] + rec[j];
+  float* __restrict gi = gates;
+  float* __restrict gf = gates + H;
+  float* __restrict gg = gates + 2 * H;
+  float* __restrict go = gates + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = sigmoid_approx(gi[j]), f = sigmoid_approx(gf[j]);
+    const float g = tanh_approx(gg[j]), o = sigmoid_approx(go[j]);
+    gi[j] = i; gf[j] = f; gg[j] = g; go[j] = o;
+    const float cj = f * c_prev[j] + i * g;
+    const float tj = tanh_approx(cj);
+    c[j] = cj; tc[j] = tj; h[j] = o * tj;
+  }
+}
+
+// One row of one step backwards: the gradient of the gates' pre-activations, and the cell state's
+// gradient carried to the step before (grad_c, updated in place).
+inline void lstm_cell_backward(int64_t H, const float* __restrict gates, const float* __restrict tc,
+                               const float* __restrict c_prev, const float* __restrict grad_h,
+                               const float* __restrict grad_rec, float* __restrict grad_c, float* __restrict d) {
+  const float* __restrict gi = gates;
+  const float* __restrict gf = gates + H;
+  const float* __restrict gg = gates + 2 * H;
+  const float* __restrict go = gates + 3 * H;
+  float* __restrict di = d;
+  float* __restrict df = d + H;
+  float* __restrict dg = d + 2 * H;
+  float* __restrict dout = d + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = gi[j], f = gf[j], g = gg[j], o = go[j], t = tc[j];
+    const float dh = grad_h[j] + grad_rec[j];
+    const float dc = grad_c[j] + dh * o * (1.0f - t * t);
+    di[j] = dc * g * i * (1.0f - i);
+    df[j] = dc * c_prev[j] * f * (1.0f - f);
+    dg[j] = dc * i * (1.0f - g * g);
+    dout[j] = dh * t * o * (1.0f - o);
+    grad_c[j] = dc * f;
+  }
+}
+
+std::vector<at::Tensor> lstm_forward(at::Tensor projected, at::Tensor weight_hh, at::Tensor bias_ih,
+                                     at::Tensor bias_hh) {
+  const int64_t H = checked_hidden(projected, weight_hh, bias_ih, bias_hh, 4, "lstm_forward");
+  projected = projected.contiguous();
+  const auto bias = (bias_ih + bias_hh).contiguous();
+  const int64_t K = projected.size(0), T = projected.size(1), B = projected.size(2), G = projected.size(3);
+  const auto opts = projected.options();
+  auto gates = at::empty({K, T, B, G}, opts);
+  auto hs = at::empty({K, T, B, H}, opts);
+  auto cs = at::empty({K, T, B, H}, opts);
+  auto tcs = at::empty({K, T, B, H}, opts);
+  auto rec = at::zeros({K, B, G}, opts);
+  const auto zero = at::zeros({H}, opts);
+  const float *P = projected.data_ptr<float>(), *Bi = bias.data_ptr<float>(), *R = rec.data_ptr<float>();
+  const float* Z = zero.data_ptr<float>();
+  float *A = gates.data_ptr<float>(), *Hs = hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
+  float* Tc = tcs.data_ptr<float>();
+  const Rows rows{K, T, B};
+  for (int64_t t = 0; t < T; ++t) {
+    if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
+    for_each_row(K * B, [&](int64_t kb) {
+      const int64_t row = rows.at(kb, t);
+      lstm_cell(H, P + row * G, Bi + (kb / B) * G, R + kb * G, t > 0 ? Cs + (row - B) * H : Z, A + row * G,
+                Cs + row * H, Tc + row * H, Hs + row * H);
+    });
+  }
+  return {hs, gates, cs, tcs};
+}
+
+std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::Tensor cs, at::Tensor tcs,
+                                      at::Tensor hs, at::Tensor weight_hh) {
+  check(grad_hs, "grad_hs", 4);
+  grad_hs = grad_hs.contiguous();
+  const int64_t K = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3), H = G / 4;
+  const auto opts = gates.options();
+  auto grad_gates = at::empty({K, T, B, G}, opts);
+  auto grad_rec = at::zeros({K, B, H}, opts);
+  auto grad_c = at::zeros({K, B, H}, opts);
+  const auto zero = at::zeros({H}, opts);
+  const auto weight_t = weight_hh.transpose(1, 2);
+  const float *Gh = grad_hs.data_ptr<float>(), *A = gates.data_ptr<float>(), *Cs = cs.data_ptr<float>();
+  const float *Tc = tcs.data_ptr<float>(), *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
+  float *D = grad_gates.data_ptr<float>(), *Dc = grad_c.data_ptr<float>();
+  const Rows rows{K, T, B};
+  for (int64_t t = T - 1; t >= 0; --t) {
+    for_each_row(K * B, [&](int64_t kb) {
+      const int64_t row = rows.at(kb, t);
+      lstm_cell_backward(H, A + row * G, Tc + row * H, t > 0 ? Cs + (row - B) * H : Z, Gh + row * H,
+                         Dr + kb * H, Dc + kb * H, D + row * G);
+    });
+    if (t > 0) at::bmm_out(grad_rec, grad_gates.select(1, t), weight_t);
+  }
+  const auto grad_bias = grad_gates.sum({1, 2}).unsqueeze(1);
+  return {grad_gates, recurrent_weight_grad(hs, grad_gates), grad_bias, grad_bias};
+}
+
+// ---- GRU ------------------------------------------------------------------------------------------
+
+// One row of one step. p: input projections (r, z, n); rec: recurrent projections; each without its bias.
+// Saved for the backward: r, z, n and the n gate's recurrent part with its bias (before r scales it).
+inline void gru_cell(int64_t H, const float* __restrict p, const float* __restrict bias_ih,
+                     const float* __restrict rec, const float* __restrict bias_hh,
+                     const float* __restrict h_prev, float* __restrict saved, float* __restrict h) {
+  const float* __restrict pr = p;
+  const float* __restrict pz = p + H;
+  const float* __restrict pn = p + 2 * H;
+  const float* __restrict hr = rec;
+  const float* __restrict hz = rec + H;
+  const float* __restrict hn = rec + 2 * H;
+  float* __restrict sr = saved;
+  float* __restrict sz = saved + H;
+  float* __restrict sn = saved + 2 * H;
+  float* __restrict shn = saved + 3 * H;
+  const float* __restrict br = bias_ih;
+  const float* __restrict bz = bias_ih + H;
+  const float* __restrict bn = bias_ih + 2 * H;
+  const float* __restrict cr = bias_hh;
+  const float* __restrict cz = bias_hh + H;
+  const float* __restrict cn = bias_hh + 2 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const float r = sigmoid_approx(pr[j] + br[j] + hr[j] + cr[j]);
+    const float z = sigmoid_approx(pz[j] + bz[j] + hz[j] + cz[j]);
+    const float recurrent_n = hn[j] + cn[j];
+    const float n = tanh_approx(pn[j] + bn[j] + r * recurrent_n);
+    sr[j] = r; sz[j] = z; sn[j] = n; shn[j] = recurrent_n;
+    h[j] = n + z * (h_prev[j] - n);
+  }
+}
+
+// One row of one step backwards. Writes the gradients of the input projections (d) and of the
+// recurrent projections (d_rec), and the part of h_prev's gradient that skips the product (carry).
+inline void gru_cell_backward(int64_t H, const float* __restrict saved, const float* __restrict h_prev,
+                              const float* __restrict grad_h, const float* __restrict grad_rec,
+                              const float* __restrict grad_carry, float* __restrict carry_out,
+                              float* __restrict d, float* __restrict d_rec) {
+  const float* __restrict sr = saved;
+  const float* __restrict sz = saved + H;
+  const float* __restrict sn = saved + 2 * H;
+  const float* __restrict shn = saved + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const float r = sr[j], z = sz[j], n = sn[j], hn = shn[j];
+    const float dh = grad_h[j] + grad_rec[j] + grad_carry[j];
+    const float dn = dh * (1.0f - z) * (1.0f - n * n);
+    const float dz = dh * (h_prev[j] - n) * z * (1.0f - z);
+    const float dr = dn * hn * r * (1.0f - r);
+    d[j] = dr; d[H + j] = dz; d[2 * H + j] = dn;
+    d_rec[j] = dr; d_rec[H + j] = dz; d_rec[2 * H + j] = dn * r;
+    carry_out[j] = dh * z;
+  }
+}
+
+std::vector<at::Tensor> gru_forward(at::Tensor projected, at::Tensor weight_hh, at::Tensor bias_ih,
+                                    at::Tensor bias_hh) {
+  const int64_t H = checked_hidden(projected, weight_hh, bias_ih, bias_hh, 3, "gru_forward");
+  projected = projected.contiguous();
+  const auto bias_i = bias_ih.contiguous(), bias_h = bias_hh.contiguous();
+  const int64_t K = projected.size(0), T = projected.size(1), B = projected.size(2), G = projected.size(3);
+  const auto opts = projected.options();
+  auto saved = at::empty({K, T, B, 4 * H}, opts);
+  auto hs = at::empty({K, T, B, H}, opts);
+  auto rec = at::zeros({K, B, G}, opts);
+  const auto zero = at::zeros({H}, opts);
+  const float *P = projected.data_ptr<float>(), *R = rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
+  const float *Bi = bias_i.data_ptr<float>(), *Bh = bias_h.data_ptr<float>();
+  float *S = saved.data_ptr<float>(), *Hs = hs.data_ptr<float>();
+  const Rows rows{K, T, B};
+  for (int64_t t = 0; t < T; ++t) {
+    if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
+    for_each_row(K * B, [&](int64_t kb) {
+      const int64_t row = rows.at(kb, t), k = kb / B;
+      gru_cell(H, P + row * G, Bi + k * G, R + kb * G, Bh + k * G, t > 0 ? Hs + (row - B) * H : Z,
+               S + row * 4 * H, Hs + row * H);
+    });
+  }
+  return {hs, saved};
+}
+
+std::vector<at::Tensor> gru_backward(at::Tensor grad_hs, at::Tensor saved, at::Tensor hs, at::Tensor weight_hh) {
+  check(grad_hs, "grad_hs", 4);
+  grad_hs = grad_hs.contiguous();
+  const int64_t K = hs.size(0), T = hs.size(1), B = hs.size(2), H = hs.size(3), G = 3 * H;
+  const auto opts = hs.options();
+  auto grad_projected = at::empty({K, T, B, G}, opts);
+  auto grad_recurrent = at::empty({K, T, B, G}, opts);
+  auto grad_rec = at::zeros({K, B, H}, opts);
+  auto carry = at::zeros({K, B, H}, opts);
+  auto carry_next = at::empty({K, B, H}, opts);
+  const auto zero = at::zeros({H}, opts);
+  const auto weight_t = weight_hh.transpose(1, 2);
+  const float *Gh = grad_hs.data_ptr<float>(), *S = saved.data_ptr<float>(), *Hs = hs.data_ptr<float>();
+  const float *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
+  float *D = grad_projected.data_ptr<float>(), *Drec = grad_recurrent.data_ptr<float>();
+  const Rows rows{K, T, B};
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* Cin = carry.data_ptr<float>();
+    float* Cout = carry_next.data_ptr<float>();
+    for_each_row(K * B, [&](int64_t kb) {
+      const int64_t row = rows.at(kb, t);
+      gru_cell_backward(H, S + row * 4 * H, t > 0 ? Hs + (row - B) * H : Z, Gh + row * H, Dr + kb * H,
+                        Cin + kb * H, Cout + kb * H, D + row * G, Drec + row * G);
+    });
+    std::swap(carry, carry_next);
+    if (t > 0) at::bmm_out(grad_rec, grad_recurrent.select(1, t), weight_t);
+  }
+  return {grad_projected, recurrent_weight_grad(hs, grad_recurrent), grad_projected.sum({1, 2}).unsqueeze(1),
+          grad_recurrent.sum({1, 2}).unsqueeze(1)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lstm_forward", &lstm_forward);
+  m.def("lstm_backward", &lstm_backward);
+  m.def("gru_forward", &gru_forward);
+  m.def("gru_backward", &gru_backward);
+}

@@ -1,0 +1,142 @@
+"""The stacked LSTM/GRU layer as compiled CPU code (models/csrc/recurrent_cpu.cpp), built on first use.
+
+Eager PyTorch runs a stacked recurrent step as ~10 small elementwise kernels forward and ~20 backward,
+each a pass over memory; the compiled layer runs each step as one batched product and one vectorized
+pass, and its backward is written out. `torch.utils.cpp_extension` builds it with the machine's C++
+compiler into PyTorch's extension cache (~30 s once; later processes load it in well under a second).
+It is built for the CPU it runs on (`-march=native`), so the build's name carries a digest of the
+CPU's feature flags: machines of a cluster that share a home directory never load each other's build.
+
+Where it cannot be built (no compiler, not Linux/x86) or `MANYNETS_NATIVE=0` is set, `load()` returns
+None and the stacked models stay eager: the same results, more slowly. Calibration measures whichever
+runs, so the strategy choice stays honest either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "recurrent_cpu.cpp"
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512"]
+ENV_SWITCH = "MANYNETS_NATIVE"
+STALE_LOCK_SECONDS = 600
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def cpu_tag() -> str:
+    """A short digest of this CPU's model and feature flags (Linux), or of `platform` elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("flags", "model name"))][:2]
+    except OSError:
+        lines = [platform.machine(), platform.processor()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+
+
+def enabled() -> bool:
+    """False where the user switched the compiled layer off (`MANYNETS_NATIVE=0`)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def load():
+    """The compiled module, building it on first call; None where it is off or cannot be built.
+
+    Thread-safe and cached for the process; concurrent processes share one build (PyTorch locks the
+    build directory). A failed build is logged once and not retried in this process.
+    """
+    global _module, _tried
+    if not enabled():
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _module = _build()
+                _tried = True
+    return _module
+
+
+def _build():
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        logger.info("compiled recurrent layer skipped on %s: the eager layer runs", platform.machine())
+        return None
+    # PyTorch runs `ninja` by name: the one pip installs with this project sits beside the interpreter,
+    # which is on PATH only in an activated virtual environment.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        name = f"manynets_recurrent_{cpu_tag()}"
+        _clear_stale_lock(name)
+        logger.info("loading the compiled recurrent layer (built on this machine's first use, ~30 s)")
+        return load_extension(name, [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+    except Exception as error:  # a missing compiler or headers: training goes on eagerly
+        logger.warning("could not build the compiled recurrent layer (%s); the stacked LSTM/GRU run eagerly. "
+                       "Install a C++ compiler (g++) to get it, or set %s=0 to skip trying.",
+                       str(error).splitlines()[0] if str(error) else type(error).__name__, ENV_SWITCH)
+        return None
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove a build lock left by a process killed while building (PyTorch would wait on it forever).
+
+    A build takes ~30 s; a lock older than STALE_LOCK_SECONDS cannot belong to a live build.
+    """
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("removing a stale build lock %s", lock)
+            lock.unlink(missing_ok=True)
+    except (ImportError, OSError):  # a private helper of PyTorch's: without it, nothing to clear
+        pass
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether a layer on x can run compiled: float32 on the CPU, outside autocast, and built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and load() is not None)
+
+
+class LSTMLayer(torch.autograd.Function):
+    """Hidden states (K, T, B, H) of K LSTM layers given inputs projected without their bias (K, T, B, 4H)."""
+
+    @staticmethod
+    def forward(ctx, projected, weight_hh, bias_ih, bias_hh):
+        hs, gates, cs, tcs = load().lstm_forward(projected, weight_hh, bias_ih, bias_hh)
+        ctx.save_for_backward(gates, cs, tcs, hs, weight_hh)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        gates, cs, tcs, hs, weight_hh = ctx.saved_tensors
+        return tuple(load().lstm_backward(grad_hs, gates, cs, tcs, hs, weight_hh))
+
+
+class GRULayer(torch.autograd.Function):
+    """Hidden states (K, T, B, H) of K GRU layers given inputs projected without their bias (K, T, B, 3H)."""
+
+    @staticmethod
+    def forward(ctx, projected, weight_hh, bias_ih, bias_hh):
+        hs, saved = load().gru_forward(projected, weight_hh, bias_ih, bias_hh)
+        ctx.save_for_backward(saved, hs, weight_hh)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        saved, hs, weight_hh = ctx.saved_tensors
+        return tuple(load().gru_backward(grad_hs, saved, hs, weight_hh))

@@ -1,0 +1,88 @@
+"""The compiled stacked LSTM/GRU layer (models/native.py) computes what the eager stacked layer does."""
+
+import pytest
+import torch
+
+from models import ModelSpec, build_model, native
+from models.stacked import stack
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="the compiled recurrent layer could not be built here")
+
+
+def stacked_pair(architecture: str, k: int, hidden: int, layers: int):
+    """The same K networks stacked twice: one running the compiled layer, one the eager steps."""
+    spec = ModelSpec(architecture=architecture, hidden=hidden, layers=layers, window=12, horizon=3)
+    networks = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        networks.append(build_model(spec))
+    compiled, eager = stack(architecture, networks), stack(architecture, networks)
+    eager.use_compiled = False
+    return compiled, eager
+
+
+def forward_backward(model, x, target):
+    model.grads.zero_() if model.grads is not None else None
+    out = model(x)
+    ((out - target) ** 2).mean(dim=(1, 2)).sum().backward()
+    return out.detach(), model.grads.clone()
+
+
+@pytest.mark.parametrize("architecture", ["lstm", "gru"])
+@pytest.mark.parametrize("k, hidden, layers", [(1, 8, 1), (5, 16, 2), (3, 33, 3)])
+def test_compiled_layer_matches_eager(architecture, k, hidden, layers):
+    compiled, eager = stacked_pair(architecture, k, hidden, layers)
+    torch.manual_seed(100)
+    x, target = torch.randn(k, 40, 12) * 2, torch.randn(k, 40, 3)
+    out_c, grads_c = forward_backward(compiled, x, target)
+    out_e, grads_e = forward_backward(eager, x, target)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["lstm", "gru"])
+def test_compiled_layer_keeps_a_nan_network_apart(architecture):
+    """A NaN in one network's input stays in that network's outputs and gradients, as it does eagerly."""
+    compiled, eager = stacked_pair(architecture, 3, 8, 2)
+    x, target = torch.randn(3, 16, 12), torch.randn(3, 16, 3)
+    x[1, 4, 7] = float("nan")
+    out_c, grads_c = forward_backward(compiled, x, target)
+    out_e, grads_e = forward_backward(eager, x, target)
+    assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).all()
+    assert not torch.isnan(out_c[[0, 2]]).any() and not torch.isnan(grads_c[[0, 2]]).any()
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_saturated_gates_stay_finite():
+    """exp_approx clamps: pre-activations far beyond float range give sigmoid 0/1 and tanh -1/1, not NaN."""
+    compiled, eager = stacked_pair("lstm", 2, 8, 1)
+    x = torch.tensor([1e6, -1e6, 3e4, -3e4]).repeat(2, 4, 3)
+    out_c, _ = forward_backward(compiled, x, torch.zeros(2, 4, 3))
+    out_e, _ = forward_backward(eager, x, torch.zeros(2, 4, 3))
+    assert torch.isfinite(out_c).all()
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.load() is None and not native.usable(torch.zeros(1))
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    assert native.usable(torch.zeros(1)) and not native.usable(torch.zeros(1, dtype=torch.float64))
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A process killed mid-build leaves PyTorch's lock file, on which every later build would wait forever."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    native._clear_stale_lock("stale")
+    lock = next(tmp_path.rglob("stale")) / "lock"
+    lock.touch()
+    native._clear_stale_lock("stale")
+    assert lock.exists()  # a build may be running
+    old = time.time() - native.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    native._clear_stale_lock("stale")
+    assert not lock.exists()
