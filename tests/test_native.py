@@ -6,7 +6,9 @@ import torch
 from models import ModelSpec, build_model, native
 from models.stacked import stack
 
-pytestmark = pytest.mark.skipif(native.load() is None, reason="the compiled recurrent layer could not be built here")
+pytestmark = pytest.mark.skipif(
+    native.load() is None, reason="the compiled recurrent layer is switched off or could not be built here"
+)
 
 
 def stacked_pair(architecture: str, k: int, hidden: int, layers: int):
