@@ -66,6 +66,15 @@ def test_saturated_gates_stay_finite():
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
 
 
+def test_a_second_backward_through_the_compiled_lstm_is_refused():
+    """Its backward overwrites the saved gates with their gradients: a retained graph must not be reused."""
+    compiled, _ = stacked_pair("lstm", 2, 8, 1)
+    loss = compiled(torch.randn(2, 4, 12)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert native.load() is None and not native.usable(torch.zeros(1))

@@ -78,7 +78,7 @@ at::Tensor recurrent_weight_grad(const at::Tensor& hs, const at::Tensor& grad_re
 // One row of one step: pre-activations in; activated gates, c, tanh(c) and h out.
 inline void lstm_cell(int64_t H, const float* __restrict p, const float* __restrict bias,
                       const float* __restrict rec, const float* __restrict c_prev, float* __restrict gates,
-                      float* __restrict c, float* __restrict tc, float* __restrict h) {
+                      float* __restrict c, float* __restrict h) {
   for (int64_t j = 0; j < 4 * H; ++j) gates[j] = p[j] + bias[j] + rec[j];
   float* __restrict gi = gates;
   float* __restrict gf = gates + H;
@@ -90,25 +90,22 @@ inline void lstm_cell(int64_t H, const float* __restrict p, const float* __restr
     gi[j] = i; gf[j] = f; gg[j] = g; go[j] = o;
     const float cj = f * c_prev[j] + i * g;
     const float tj = tanh_approx(cj);
-    c[j] = cj; tc[j] = tj; h[j] = o * tj;
+    c[j] = cj; h[j] = o * tj;
   }
 }
 
-// One row of one step backwards: the gradient of the gates' pre-activations, and the cell state's
-// gradient carried to the step before (grad_c, updated in place).
-inline void lstm_cell_backward(int64_t H, const float* __restrict gates, const float* __restrict tc,
+// One row of one step backwards: the gradient of the gates' pre-activations, written over the saved
+// gates (read first, never again), and the cell state's gradient carried to the step before (grad_c,
+// updated in place). tanh(c) is recomputed rather than saved: as fast, and one buffer fewer.
+inline void lstm_cell_backward(int64_t H, float* __restrict gates, const float* __restrict c,
                                const float* __restrict c_prev, const float* __restrict grad_h,
-                               const float* __restrict grad_rec, float* __restrict grad_c, float* __restrict d) {
-  const float* __restrict gi = gates;
-  const float* __restrict gf = gates + H;
-  const float* __restrict gg = gates + 2 * H;
-  const float* __restrict go = gates + 3 * H;
-  float* __restrict di = d;
-  float* __restrict df = d + H;
-  float* __restrict dg = d + 2 * H;
-  float* __restrict dout = d + 3 * H;
+                               const float* __restrict grad_rec, float* __restrict grad_c) {
+  float* __restrict di = gates;
+  float* __restrict df = gates + H;
+  float* __restrict dg = gates + 2 * H;
+  float* __restrict dout = gates + 3 * H;
   for (int64_t j = 0; j < H; ++j) {
-    const float i = gi[j], f = gf[j], g = gg[j], o = go[j], t = tc[j];
+    const float i = di[j], f = df[j], g = dg[j], o = dout[j], t = tanh_approx(c[j]);
     const float dh = grad_h[j] + grad_rec[j];
     const float dc = grad_c[j] + dh * o * (1.0f - t * t);
     di[j] = dc * g * i * (1.0f - i);
@@ -129,45 +126,43 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, at::Tensor weight_hh,
   auto gates = at::empty({K, T, B, G}, opts);
   auto hs = at::empty({K, T, B, H}, opts);
   auto cs = at::empty({K, T, B, H}, opts);
-  auto tcs = at::empty({K, T, B, H}, opts);
   auto rec = at::zeros({K, B, G}, opts);
   const auto zero = at::zeros({H}, opts);
   const float *P = projected.data_ptr<float>(), *Bi = bias.data_ptr<float>(), *R = rec.data_ptr<float>();
   const float* Z = zero.data_ptr<float>();
   float *A = gates.data_ptr<float>(), *Hs = hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
-  float* Tc = tcs.data_ptr<float>();
   const Rows rows{K, T, B};
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
     for_each_row(K * B, [&](int64_t kb) {
       const int64_t row = rows.at(kb, t);
       lstm_cell(H, P + row * G, Bi + (kb / B) * G, R + kb * G, t > 0 ? Cs + (row - B) * H : Z, A + row * G,
-                Cs + row * H, Tc + row * H, Hs + row * H);
+                Cs + row * H, Hs + row * H);
     });
   }
-  return {hs, gates, cs, tcs};
+  return {hs, gates, cs};
 }
 
-std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::Tensor cs, at::Tensor tcs,
-                                      at::Tensor hs, at::Tensor weight_hh) {
+std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::Tensor cs, at::Tensor hs,
+                                      at::Tensor weight_hh) {
   check(grad_hs, "grad_hs", 4);
   grad_hs = grad_hs.contiguous();
   const int64_t K = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3), H = G / 4;
   const auto opts = gates.options();
-  auto grad_gates = at::empty({K, T, B, G}, opts);
+  auto grad_gates = gates;  // each step's gradient overwrites its gates, which nothing reads again
   auto grad_rec = at::zeros({K, B, H}, opts);
   auto grad_c = at::zeros({K, B, H}, opts);
   const auto zero = at::zeros({H}, opts);
   const auto weight_t = weight_hh.transpose(1, 2);
-  const float *Gh = grad_hs.data_ptr<float>(), *A = gates.data_ptr<float>(), *Cs = cs.data_ptr<float>();
-  const float *Tc = tcs.data_ptr<float>(), *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
+  const float *Gh = grad_hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
+  const float *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
   float *D = grad_gates.data_ptr<float>(), *Dc = grad_c.data_ptr<float>();
   const Rows rows{K, T, B};
   for (int64_t t = T - 1; t >= 0; --t) {
     for_each_row(K * B, [&](int64_t kb) {
       const int64_t row = rows.at(kb, t);
-      lstm_cell_backward(H, A + row * G, Tc + row * H, t > 0 ? Cs + (row - B) * H : Z, Gh + row * H,
-                         Dr + kb * H, Dc + kb * H, D + row * G);
+      lstm_cell_backward(H, D + row * G, Cs + row * H, t > 0 ? Cs + (row - B) * H : Z, Gh + row * H,
+                         Dr + kb * H, Dc + kb * H);
     });
     if (t > 0) at::bmm_out(grad_rec, grad_gates.select(1, t), weight_t);
   }
