@@ -59,7 +59,9 @@ def fused_width(architecture: str, device: str) -> int | None:
     `python -m benchmarks.compiled_recurrent`); one fused iteration of 64 GRUs, one epoch, took 3.5 / 3.5 s
     in groups of 2, 3.7 / 4.1 s of 4 and 5.7 / 5.9 s of 16, of 64 LSTMs 4.2 / 4.4 s of 2, 4.5 / 4.4 s of 4
     and 5.3 / 5.1 s of 8 (`python -m benchmarks.fused_width --architecture gru --networks 64 --epochs 1
-    --widths 4 2 4 2`). The recurrent and attention cap also keeps those fused tasks within the widths
+    --widths 4 2 4 2`); at 256 networks 2 and 4 tie (`--widths 4 2 4 2 4 2`: LSTMs 13.4 / 14.5 / 14.7 s of 4
+    against 14.0 / 14.3 / 14.4 s of 2, GRUs 11.4 / 11.0 / 11.1 s against 11.7 / 11.3 / 11.3 s), and 4
+    means half the groups. The recurrent and attention cap also keeps those fused tasks within the widths
     calibration times (tasks/calibration.py), so the strategy choice does not rest on
     extrapolation. A GPU wants the widest batch it can get: no cap. A wider shard trains as
     consecutive groups, longest networks together.
