@@ -177,28 +177,13 @@ std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::
 inline void gru_cell(int64_t H, const float* __restrict p, const float* __restrict bias_ih,
                      const float* __restrict rec, const float* __restrict bias_hh,
                      const float* __restrict h_prev, float* __restrict saved, float* __restrict h) {
-  const float* __restrict pr = p;
-  const float* __restrict pz = p + H;
-  const float* __restrict pn = p + 2 * H;
-  const float* __restrict hr = rec;
-  const float* __restrict hz = rec + H;
-  const float* __restrict hn = rec + 2 * H;
-  float* __restrict sr = saved;
-  float* __restrict sz = saved + H;
-  float* __restrict sn = saved + 2 * H;
-  float* __restrict shn = saved + 3 * H;
-  const float* __restrict br = bias_ih;
-  const float* __restrict bz = bias_ih + H;
-  const float* __restrict bn = bias_ih + 2 * H;
-  const float* __restrict cr = bias_hh;
-  const float* __restrict cz = bias_hh + H;
-  const float* __restrict cn = bias_hh + 2 * H;
+  // Read-only inputs are indexed by gate offset; the outputs are what must not alias them.
   for (int64_t j = 0; j < H; ++j) {
-    const float r = sigmoid_approx(pr[j] + br[j] + hr[j] + cr[j]);
-    const float z = sigmoid_approx(pz[j] + bz[j] + hz[j] + cz[j]);
-    const float recurrent_n = hn[j] + cn[j];
-    const float n = tanh_approx(pn[j] + bn[j] + r * recurrent_n);
-    sr[j] = r; sz[j] = z; sn[j] = n; shn[j] = recurrent_n;
+    const float r = sigmoid_approx(p[j] + bias_ih[j] + rec[j] + bias_hh[j]);
+    const float z = sigmoid_approx(p[H + j] + bias_ih[H + j] + rec[H + j] + bias_hh[H + j]);
+    const float recurrent_n = rec[2 * H + j] + bias_hh[2 * H + j];
+    const float n = tanh_approx(p[2 * H + j] + bias_ih[2 * H + j] + r * recurrent_n);
+    saved[j] = r; saved[H + j] = z; saved[2 * H + j] = n; saved[3 * H + j] = recurrent_n;
     h[j] = n + z * (h_prev[j] - n);
   }
 }
