@@ -78,10 +78,10 @@ at::Tensor recurrent_weight_grad(const at::Tensor& hs, const at::Tensor& grad_re
 // ---- LSTM -----------------------------------------------------------------------------------------
 
 // One row of one step: pre-activations in; activated gates, c, tanh(c) and h out.
-inline void lstm_cell(int64_t H, const float* __restrict p, const float* __restrict bias,
-                      const float* __restrict rec, const float* __restrict c_prev, float* __restrict gates,
-                      float* __restrict c, float* __restrict h) {
-  for (int64_t j = 0; j < 4 * H; ++j) gates[j] = p[j] + bias[j] + rec[j];
+inline void lstm_cell(int64_t H, const float* __restrict bias, const float* __restrict rec,
+                      const float* __restrict c_prev, float* __restrict gates, float* __restrict c,
+                      float* __restrict h) {
+  for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j] + rec[j];
   float* __restrict gi = gates;
   float* __restrict gf = gates + H;
   float* __restrict gg = gates + 2 * H;
@@ -121,25 +121,24 @@ inline void lstm_cell_backward(int64_t H, float* __restrict gates, const float* 
 std::vector<at::Tensor> lstm_forward(at::Tensor projected, at::Tensor weight_hh, at::Tensor bias_ih,
                                      at::Tensor bias_hh) {
   const int64_t H = checked_hidden(projected, weight_hh, bias_ih, bias_hh, 4, "lstm_forward");
-  projected = projected.contiguous();
+  // The gates are computed over the projections, which nothing reads again (one buffer fewer).
+  auto gates = projected.contiguous();
+  const int64_t K = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3);
   const auto bias = (bias_ih + bias_hh).contiguous();
-  const int64_t K = projected.size(0), T = projected.size(1), B = projected.size(2), G = projected.size(3);
-  const auto opts = projected.options();
-  auto gates = at::empty({K, T, B, G}, opts);
+  const auto opts = gates.options();
   auto hs = at::empty({K, T, B, H}, opts);
   auto cs = at::empty({K, T, B, H}, opts);
   auto rec = at::zeros({K, B, G}, opts);
   const auto zero = at::zeros({H}, opts);
-  const float *P = projected.data_ptr<float>(), *Bi = bias.data_ptr<float>(), *R = rec.data_ptr<float>();
-  const float* Z = zero.data_ptr<float>();
+  const float *Bi = bias.data_ptr<float>(), *R = rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
   float *A = gates.data_ptr<float>(), *Hs = hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
   const Rows rows{K, T, B};
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
     for_each_row(K * B, [&](int64_t kb) {
       const int64_t row = rows.at(kb, t);
-      lstm_cell(H, P + row * G, Bi + (kb / B) * G, R + kb * G, t > 0 ? Cs + (row - B) * H : Z, A + row * G,
-                Cs + row * H, Hs + row * H);
+      lstm_cell(H, Bi + (kb / B) * G, R + kb * G, t > 0 ? Cs + (row - B) * H : Z, A + row * G, Cs + row * H,
+                Hs + row * H);
     });
   }
   return {hs, gates, cs};
