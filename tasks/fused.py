@@ -53,10 +53,10 @@ def fused_width(architecture: str, device: str) -> int | None:
     --networks 64 --epochs 1 --widths 16 8 4 16 8 4`); GRUs of 16 and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s;
     32: 10.3 / 10.7 s); Transformers of 8 beat 16 (64 networks: 22.6 / 23.4 s against 25.1 / 25.1 s;
     4: 21.0 / 25.3 s). Those LSTM/GRU widths were for the eager stacked layer; the
-    compiled one (models/native.py) falls off a cache cliff sooner and is best in groups of 2-8: one
-    training step of two-layer LSTMs, per network, took 4.0 / 4.5 / 4.6 / 7.9 ms at 2 / 4 / 8 / 16
-    networks (`nn.LSTM` one by one: 5.2-5.7 ms), of GRUs 3.6 / 3.4 / 3.8 / 5.7 ms (`nn.GRU`: 9.7-10.7 ms;
-    `python -m benchmarks.compiled_recurrent`); one fused iteration of 64 GRUs, one epoch, took 3.5 / 3.5 s
+    compiled one (models/native.py) is best in groups of 2-8: one training step of two-layer LSTMs,
+    per network, took 3.9 / 3.7 / 3.8 / 4.2 ms at 2 / 4 / 8 / 16 networks (`nn.LSTM` one by one:
+    5.2-5.3 ms), of GRUs 3.4 / 3.3 / 3.5 / 5.9 ms (`nn.GRU`: 9.7-10.0 ms; `python -m
+    benchmarks.compiled_recurrent`); one fused iteration of 64 GRUs, one epoch, took 3.5 / 3.5 s
     in groups of 2, 3.7 / 4.1 s of 4 and 5.7 / 5.9 s of 16, of 64 LSTMs 4.2 / 4.4 s of 2, 4.5 / 4.4 s of 4
     and 5.3 / 5.1 s of 8 (`python -m benchmarks.fused_width --architecture gru --networks 64 --epochs 1
     --widths 4 2 4 2`); at 256 networks 2 and 4 tie (`--widths 4 2 4 2 4 2`: LSTMs 13.4 / 14.5 / 14.7 s of 4
