@@ -24,7 +24,7 @@ def stacked_pair(architecture: str, k: int, hidden: int, layers: int):
 
 
 def forward_backward(model, x, target):
-    model.grads.zero_() if model.grads is not None else None
+    model.grads.zero_()
     out = model(x)
     ((out - target) ** 2).mean(dim=(1, 2)).sum().backward()
     return out.detach(), model.grads.clone()

@@ -5,8 +5,8 @@
 // and one vectorized pass over the gates, and the backward is written out (BPTT) the same way.
 // Layouts are those of models/stacked.py: projected inputs (K, T, B, G) without their bias (adding
 // it here saves the pass that broadcasts it), recurrent weights (K, H, G), biases (K, 1, G), hidden
-// states (K, T, B, H). Gate orders are
-// PyTorch's: LSTM i, f, g, o (G = 4H); GRU r, z, n (G = 3H), with the n gate's recurrent bias inside r.
+// states (K, T, B, H). Gate orders are PyTorch's: LSTM i, f, g, o (G = 4H); GRU r, z, n (G = 3H), with
+// the n gate's recurrent bias inside r.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,9 +16,9 @@ namespace {
 // the loops calling it: rounding is done by adding and taking away 1.5 * 2^23 (floorf does not
 // vectorize without -ffast-math, which would also assume NaN away). Checked every 1e-4 against double
 // precision: exp within 1 ulp over [-87, 88], tanh and sigmoid below within 1.8e-7 and 8.9e-8
-// (tests/test_native.py holds them to it through `activations`). NaN
-// stays NaN: a comparison with NaN is false, so the clamps pass it through, and a network that
-// diverges keeps showing NaN for the engine to isolate.
+// (tests/test_native.py holds them to it through `activations`). NaN stays NaN: a comparison with
+// NaN is false, so the clamps pass it through, and a network that diverges keeps showing NaN for the
+// engine to isolate.
 inline float exp_approx(float x) {
   x = x > 88.0f ? 88.0f : x;
   x = x < -87.0f ? -87.0f : x;
@@ -41,9 +41,9 @@ void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions");
 }
 
-// Every (network, sample) row of steps t of a (K, T, B, n) tensor, as row pointers' offsets.
+// The row of (network, sample) kb at step t in a (K, T, B, n) tensor.
 struct Rows {
-  int64_t K, T, B;
+  int64_t T, B;
   int64_t at(int64_t kb, int64_t t) const { return ((kb / B) * T + t) * B + kb % B; }
 };
 
@@ -77,7 +77,8 @@ at::Tensor recurrent_weight_grad(const at::Tensor& hs, const at::Tensor& grad_re
 
 // ---- LSTM -----------------------------------------------------------------------------------------
 
-// One row of one step: pre-activations in; activated gates, c, tanh(c) and h out.
+// One row of one step: the gates' projections in (the bias and recurrent part are added here); the
+// activated gates written over them, c and h out.
 inline void lstm_cell(int64_t H, const float* __restrict bias, const float* __restrict rec,
                       const float* __restrict c_prev, float* __restrict gates, float* __restrict c,
                       float* __restrict h) {
@@ -132,7 +133,7 @@ std::vector<at::Tensor> lstm_forward(at::Tensor projected, at::Tensor weight_hh,
   const auto zero = at::zeros({H}, opts);
   const float *Bi = bias.data_ptr<float>(), *R = rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
   float *A = gates.data_ptr<float>(), *Hs = hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
-  const Rows rows{K, T, B};
+  const Rows rows{T, B};
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
     for_each_row(K * B, [&](int64_t kb) {
@@ -158,7 +159,7 @@ std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::
   const float *Gh = grad_hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
   const float *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
   float *D = grad_gates.data_ptr<float>(), *Dc = grad_c.data_ptr<float>();
-  const Rows rows{K, T, B};
+  const Rows rows{T, B};
   for (int64_t t = T - 1; t >= 0; --t) {
     for_each_row(K * B, [&](int64_t kb) {
       const int64_t row = rows.at(kb, t);
@@ -225,7 +226,7 @@ std::vector<at::Tensor> gru_forward(at::Tensor projected, at::Tensor weight_hh, 
   const float *P = projected.data_ptr<float>(), *R = rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
   const float *Bi = bias_i.data_ptr<float>(), *Bh = bias_h.data_ptr<float>();
   float *S = saved.data_ptr<float>(), *Hs = hs.data_ptr<float>();
-  const Rows rows{K, T, B};
+  const Rows rows{T, B};
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
     for_each_row(K * B, [&](int64_t kb) {
@@ -252,7 +253,7 @@ std::vector<at::Tensor> gru_backward(at::Tensor grad_hs, at::Tensor saved, at::T
   const float *Gh = grad_hs.data_ptr<float>(), *S = saved.data_ptr<float>(), *Hs = hs.data_ptr<float>();
   const float *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
   float *D = grad_projected.data_ptr<float>(), *Drec = grad_recurrent.data_ptr<float>();
-  const Rows rows{K, T, B};
+  const Rows rows{T, B};
   for (int64_t t = T - 1; t >= 0; --t) {
     const float* Cin = carry.data_ptr<float>();
     float* Cout = carry_next.data_ptr<float>();
