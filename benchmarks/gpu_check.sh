@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue #5's GPU checks as one call on a lent device machine (README, "GPU checks"), ~5 minutes:
+# Issue #5's GPU checks as one call on a lent device machine (README, "GPU checks"), ~6 minutes:
 #   1. every test of tests/test_fused.py on the GPU: fused training equals one-by-one training there;
 #   2. benchmarks.fused_vs_loop with the loop and the engine both on the GPU, MLP and LSTM at N=1660
-#      (the targets: MLP >= 50x, LSTM >= 20x).
+#      (the targets: MLP >= 50x, LSTM >= 20x);
+#   3. benchmarks.fused_phases: where the fused iteration's seconds go there (host work, mostly).
 # Here first: `make gpu-wheels` (what the machine's image lacks, into .whl). Then, with the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Everything it prints and the benchmark's JSON land in $OUT. A dry run on this CPU:
@@ -24,17 +25,21 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
 {
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    echo "cpus: $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
     "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/device.txt"
 
-MANYNETS_TEST_DEVICE=$DEVICE timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 \
+MANYNETS_TEST_DEVICE=$DEVICE timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 \
     | tee "$OUT/tests.txt"
 tests=${PIPESTATUS[0]}
 
-timeout 300 "$PYTHON" -m benchmarks.fused_vs_loop --device "$DEVICE" --architectures mlp lstm --sizes $SIZES \
+timeout 220 "$PYTHON" -m benchmarks.fused_vs_loop --device "$DEVICE" --architectures mlp lstm --sizes $SIZES \
     --skip-one-by-one --output "fused_vs_loop_$DEVICE.json" 2>&1 | tee "$OUT/benchmark.txt"
 bench=${PIPESTATUS[0]}
 cp "benchmarks/results/fused_vs_loop_$DEVICE.json" "$OUT/" 2>/dev/null
+
+timeout 80 "$PYTHON" -m benchmarks.fused_phases --device "$DEVICE" --networks $SIZES 2>&1 | tee "$OUT/phases.txt"
+cp "benchmarks/results/fused_phases_$DEVICE.json" "$OUT/" 2>/dev/null
 
 echo "tests exit $tests, benchmark exit $bench; output in $OUT"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -78,6 +79,25 @@ class ModelSpec(BaseModel):
         """The autocast context a forward pass of this spec runs under on `device` (a no-op for fp32)."""
         device_type = torch.device(device).type
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @contextlib.contextmanager
+    def float32_math(self, device: torch.device | str):
+        """While open, float32 products on a GPU stay float32 under 'fp32' (TF32 off); a no-op elsewhere.
+
+        cuDNN's recurrent layers use TF32 by default and batched products do not, so on a GPU an
+        nn.LSTM trained alone and the same network fused drifted apart by ~1e-4 in 3 iterations
+        (tests/test_fused.py on an H200). Both strategies train inside this. The switches are
+        process-wide and restored on leaving.
+        """
+        if self.precision != "fp32" or torch.device(device).type != "cuda":
+            yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
     def learning_rate_at(self, epochs_done: int) -> float:
         """The learning rate of a network's next epoch after it has trained `epochs_done` epochs."""

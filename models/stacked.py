@@ -163,6 +163,8 @@ class _StackedRecurrent(StackedNetworks):
     compiled_layer: type[torch.autograd.Function]  # models.native's layer, used where it is usable
     # False runs the eager steps even where the compiled layer could run (tests compare the two).
     use_compiled = True
+    # The eager steps get projections that already hold the recurrent bias (run_layer's bias_hh is None).
+    bias_hh_in_projection = False
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         k, batch, steps = x.shape
@@ -187,16 +189,22 @@ class _StackedRecurrent(StackedNetworks):
                 hidden = self.compiled_layer.apply(projected, w[at % "weight_hh"], w[at % "bias_ih"], w[at % "bias_hh"])
                 seq, last = hidden.view(k, steps * batch, -1), hidden[:, -1]
             else:
-                # All time steps' input projections at once.
-                projected = torch.baddbmm(w[at % "bias_ih"], seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
-                outputs = self.run_layer(projected, w[at % "weight_hh"], w[at % "bias_hh"])
+                # All time steps' input projections at once, with the recurrent bias too where the
+                # cell only ever adds it (the LSTM): one bias gradient per layer instead of one per step.
+                bias_hh = w[at % "bias_hh"]
+                bias = w[at % "bias_ih"] + bias_hh if self.bias_hh_in_projection else w[at % "bias_ih"]
+                projected = torch.baddbmm(bias, seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
+                outputs = self.run_layer(projected, w[at % "weight_hh"],
+                                         None if self.bias_hh_in_projection else bias_hh)  # fmt: skip
                 last = outputs[-1]
                 if layer < layers - 1:
                     seq = torch.stack(outputs, dim=1).reshape(k, steps * batch, -1)
         return last
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
-        """Every step's hidden state (K, batch, hidden) given projected inputs (K, time, batch, gates)."""
+        """Every step's hidden state (K, batch, hidden) given projected inputs (K, time, batch, gates).
+
+        `bias_hh` is None where the projections hold it (bias_hh_in_projection)."""
         raise NotImplementedError
 
 
@@ -205,6 +213,8 @@ class StackedLSTM(_StackedRecurrent):
 
     module = "lstm"
     compiled_layer = native.LSTMLayer
+    # On a GPU, where these steps run, each whole-size add is another pass over the gates in memory.
+    bias_hh_in_projection = True
 
     def run_layer(self, projected, weight_hh, bias_hh) -> list[torch.Tensor]:
         h = c = None
@@ -212,7 +222,7 @@ class StackedLSTM(_StackedRecurrent):
         # unbind/chunk, not indexing: their backward assembles one gradient, where each slice's
         # backward would zero-fill and copy a whole-size tensor per step.
         for step in projected.unbind(1):
-            gates = step + bias_hh if h is None else torch.baddbmm(step + bias_hh, h, weight_hh)
+            gates = step if h is None else torch.baddbmm(step, h, weight_hh)
             i, f, g, o = gates.chunk(4, dim=-1)
             i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
             c = i * g if c is None else torch.addcmul(f * c, i, g)
@@ -302,14 +312,22 @@ class StackedAdam:
     its loss blew up, or it stopped early) is left exactly as it was. The arithmetic is
     torch.optim.Adam's (its fused CPU/CUDA kernel), so a network trained here matches one trained
     alone within float tolerance. Steps read the gradients from `stacked.grads`.
+
+    `rowwise` (the default on a GPU) instead updates every row at once with its own step count and
+    rate, held on the device: the fused kernel takes one count and rate per call, and finding the
+    runs needs the mask on the host, a wait for the GPU every step. `lr` and `steps` are float64
+    (K,) tensors on the host, or on the device where rowwise; assign into them in place.
     """
 
-    def __init__(self, stacked: StackedNetworks, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, stacked: StackedNetworks, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 rowwise: bool | None = None):  # fmt: skip
         self.params, self.grads = stacked.weights, stacked.grads
         (self.beta1, self.beta2), self.eps = betas, eps
+        self.rowwise = self.params.is_cuda if rowwise is None else rowwise
         k = self.params.shape[0]
-        self.lr = torch.full((k,), float(lr), dtype=torch.float64)
-        self.steps = torch.zeros(k, dtype=torch.float64)
+        where = self.params.device if self.rowwise else "cpu"
+        self.lr = torch.full((k,), float(lr), dtype=torch.float64, device=where)
+        self.steps = torch.zeros(k, dtype=torch.float64, device=where)
         self.exp_avg = torch.zeros_like(self.params)
         self.exp_avg_sq = torch.zeros_like(self.params)
 
@@ -333,6 +351,9 @@ class StackedAdam:
         longest first, so step counts (epochs x batches per epoch) only fall along it. A masked
         network is simply not passed.
         """
+        if self.rowwise:
+            self._step_rows(active)
+            return
         upto = active.shape[0]
         # numpy views of the (CPU) step counts and rates: finding runs with torch ops on these tiny
         # vectors cost ~0.2 ms a step, as much as the kernel's own work for 128 MLPs.
@@ -344,6 +365,28 @@ class StackedAdam:
         for start, stop in zip(edges[:-1], edges[1:]):
             if on[start]:
                 self._fused(slice(start, stop), float(steps[start]), float(lr[start]))
+
+    def _step_rows(self, active: torch.Tensor) -> None:
+        """The fused kernel's arithmetic over rows 0..len(active)-1, each with its own count and rate, in a
+        few whole-stack operations and no wait for the device; rows not `active` keep their values."""
+        upto = active.shape[0]
+        on = active.to(self.params.device, non_blocking=True).unsqueeze(1)
+        steps = self.steps[:upto]
+        steps += on.squeeze(1)
+        counted = steps.clamp(min=1)  # a row that never stepped is not updated: no division by zero
+        dtype = self.params.dtype
+        step_size = (self.lr[:upto] / (1 - self.beta1**counted)).to(dtype).unsqueeze(1)
+        correction = (1 - self.beta2**counted).sqrt().to(dtype).unsqueeze(1)
+        grad, param = self.grads[:upto], self.params[:upto]
+        exp_avg, exp_avg_sq = self.exp_avg[:upto], self.exp_avg_sq[:upto]
+        new_avg = torch.add(exp_avg * self.beta1, grad, alpha=1 - self.beta1)
+        new_avg_sq = torch.addcmul(exp_avg_sq * self.beta2, grad, grad, value=1 - self.beta2)
+        denom = new_avg_sq.sqrt().div_(correction).add_(self.eps)
+        new_param = param - step_size * new_avg / denom
+        # `where`, so a masked row's NaN or infinite gradient cannot reach its values.
+        exp_avg.copy_(torch.where(on, new_avg, exp_avg))
+        exp_avg_sq.copy_(torch.where(on, new_avg_sq, exp_avg_sq))
+        param.copy_(torch.where(on, new_param, param))
 
     def _fused(self, rows: slice, step: float, lr: float) -> None:
         """One call of the fused Adam kernel over `rows` of the stack, all at step `step` with rate `lr`.

@@ -289,9 +289,13 @@ def latest_valid_checkpoint(
     return 0, None, problems
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, so a bad newest one still has a good predecessor."""
-    for iteration in checkpoint_iterations(folder)[:-keep]:
+def prune_checkpoints(folder: Path, keep: int, iterations: list[int] | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints, so a bad newest one still has a good predecessor.
+
+    `iterations`: the folder's checkpoint_iterations where the caller knows them, to skip listing it.
+    """
+    listed = checkpoint_iterations(folder) if iterations is None else sorted(set(iterations))
+    for iteration in listed[:-keep]:
         checkpoint_path(folder, iteration).unlink(missing_ok=True)
 
 

@@ -292,11 +292,14 @@ def checkpoint_tensors(model_state: dict, optimizer_state: dict, generator_state
             "generator": generator_state}  # fmt: skip
 
 
-def write_iteration(folder, step: int, body: bytes, worker: str) -> None:
-    """Write a network's checkpoint body for iteration `step`, journal it and prune old checkpoints."""
+def write_iteration(folder, step: int, body: bytes, worker: str, checkpoints: list[int] | None = None) -> None:
+    """Write a network's checkpoint body for iteration `step`, journal it and prune old checkpoints.
+
+    `checkpoints`: the iterations the folder holds with this one, where the caller knows them (else listed).
+    """
     write_checkpoint_body(checkpoint_path(folder, step), body)
     journal_event(folder, "done", step, worker)
-    prune_checkpoints(folder, KEEP_CHECKPOINTS)
+    prune_checkpoints(folder, KEEP_CHECKPOINTS, checkpoints)
 
 
 def _to_cpu(value):
@@ -372,6 +375,14 @@ def train_shard_iteration(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    with spec.float32_math(device):
+        return _train_shard_iteration(shard_id, series_ids, spec, iteration, output_dir, device, attempts, strategy)
+
+
+def _train_shard_iteration(
+    shard_id: int, series_ids: list[str], spec: ModelSpec, iteration: int, output_dir: str, device: str,
+    attempts: int, strategy: str,
+) -> IterationResult:  # fmt: skip
     started = time.time()
     outcomes: list[NetworkOutcome] = []
     out_of_memory = None

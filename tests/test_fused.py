@@ -88,6 +88,28 @@ def test_fused_networks_match_their_solo_runs_over_iterations_with_ragged_length
         assert_same_network(checkpoint(root / "fused", sid, 3), checkpoint(root / "alone", sid, 3))
 
 
+@pytest.mark.parametrize("architecture", ["mlp", "gru"])
+def test_the_gpus_rowwise_adam_trains_fused_networks_as_alone(ragged, monkeypatch, architecture):
+    """The row-wise Adam a GPU uses, forced here: each network's own step count and decayed rate, and
+    networks that stop early masked out of the steps."""
+    import functools
+
+    import tasks.fused
+    from models.stacked import StackedAdam
+
+    root, ids = ragged
+    monkeypatch.setattr(tasks.fused, "StackedAdam", functools.partial(StackedAdam, rowwise=True))
+    spec = spec_for(architecture, epochs_per_iteration=4, lr_decay=0.7, early_stopping_patience=1,
+                    early_stopping_min_delta=0.02)  # fmt: skip
+    for iteration in (1, 2):
+        fused = train_shard_iteration(0, ids, spec, iteration, str(root / "fused"), strategy="fused")
+        train_shard_iteration(0, ids, spec, iteration, str(root / "alone"), strategy="one_by_one")
+    assert any(n.status == "stopped" for n in fused.networks), "the data should make some networks stop"
+    for n in fused.networks:
+        assert_same_network(checkpoint(root / "fused", n.series_id, n.iteration),
+                            checkpoint(root / "alone", n.series_id, n.iteration))  # fmt: skip
+
+
 def test_a_fused_checkpoint_resumes_one_by_one_and_vice_versa(ragged):
     root, ids = ragged
     train_shard_iteration(0, ids, SPEC, 1, str(root / "fused"), strategy="fused")

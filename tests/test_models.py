@@ -89,11 +89,12 @@ def test_stacked_networks_compute_each_network_exactly_as_alone(architecture):
                    for key, v in weights.items())  # fmt: skip
 
 
-def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_alone():
+@pytest.mark.parametrize("rowwise", [False, True], ids=["fused-kernel-runs", "rowwise"])
+def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_alone(rowwise):
     spec = ModelSpec(hidden=8, layers=1, window=6, horizon=2)
     networks = [build_model(spec, torch.Generator().manual_seed(k)) for k in range(3)]
     stacked = stack("mlp", networks)
-    optimizer = StackedAdam(stacked, lr=1e-2)
+    optimizer = StackedAdam(stacked, lr=1e-2, rowwise=rowwise)
     optimizers = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in networks]
     x = torch.randn(3, 5, 6)
     # Steps 1-3 with everyone (one kernel call over the stack), step 4 with network 1 masked out, steps 5-6
@@ -145,3 +146,18 @@ def test_fresh_weights_from_a_template_equal_a_freshly_built_model(architecture)
     assert torch.equal(built_with.get_state(), drawn_with.get_state())  # the shuffles that follow agree too
     assert all(not torch.equal(drawn[k], v) for k, v in fresh_weights(template, torch.Generator().manual_seed(6)).items()
                if v.numel() > 1 and v.std() > 0)  # fmt: skip
+
+
+def test_fp32_training_on_a_gpu_turns_tf32_off_while_it_runs_and_restores_it():
+    """The switches are process-wide, so they are only read here; no GPU is needed to set them."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with ModelSpec().float32_math("cuda:0"):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        for spec, device in ((ModelSpec(precision="bf16"), "cuda"), (ModelSpec(), "cpu")):
+            with spec.float32_math(device):
+                assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
