@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Issue #5's GPU checks as one call on a lent device machine (README, "GPU checks"), ~6 minutes:
+# Issue #5's GPU checks as one call on a lent device machine (README, "GPU checks"), ~7 minutes:
 #   1. every test of tests/test_fused.py on the GPU: fused training equals one-by-one training there;
 #   2. benchmarks.fused_vs_loop with the loop and the engine both on the GPU, MLP and LSTM at N=1660
 #      (the targets: MLP >= 50x, LSTM >= 20x);
-#   3. benchmarks.fused_phases: where the fused iteration's seconds go there (host work, mostly).
+#   3. benchmarks.fused_phases: where the fused iteration's seconds go there (host work, mostly);
+#   4. benchmarks.gpu_recurrent_step: the fused LSTM's time steps eager against torch.compile'd (per cell,
+#      per layer), the measurement the LSTM's 20x needs next.
 # Here first: `make gpu-wheels` (what the machine's image lacks, into .whl). Then, with the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # Everything it prints and the benchmark's JSON land in $OUT. A dry run on this CPU:
@@ -40,6 +42,10 @@ cp "benchmarks/results/fused_vs_loop_$DEVICE.json" "$OUT/" 2>/dev/null
 
 timeout 80 "$PYTHON" -m benchmarks.fused_phases --device "$DEVICE" --networks $SIZES 2>&1 | tee "$OUT/phases.txt"
 cp "benchmarks/results/fused_phases_$DEVICE.json" "$OUT/" 2>/dev/null
+
+timeout 150 "$PYTHON" -m benchmarks.gpu_recurrent_step --device "$DEVICE" --networks 256 $SIZES 2>&1 \
+    | tee "$OUT/recurrent_step.txt"
+cp "benchmarks/results/gpu_recurrent_step_$DEVICE.json" "$OUT/" 2>/dev/null
 
 echo "tests exit $tests, benchmark exit $bench; output in $OUT"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
