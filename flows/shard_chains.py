@@ -17,7 +17,7 @@ from flows.progress import RunProgress
 from models import ModelSpec
 from tasks.calibration import prior_from
 from tasks.cost_model import CostModel, describe_task, device_kind, effective_strategy, load_history, save_history
-from tasks.prefect_tasks import calibrate_task, probe_task, train_shard_iteration_task
+from tasks.prefect_tasks import calibrate_task, group_widths_task, probe_task, train_shard_iteration_task
 from tasks.shards import (
     NetworkLoad,
     ShardPlan,
@@ -83,6 +83,21 @@ def _cost_model(
     return model
 
 
+def _fused_group_widths(loads: list[NetworkLoad], strategies: tuple[str, ...], device: str, logger) -> dict:
+    """(architecture, device kind) -> the fused group width a worker uses, for every architecture that may fuse.
+
+    Asked of a worker, not computed here: the LSTM/GRU width depends on whether that machine has
+    the compiled layer, and computing it here would build the layer on the flow's machine.
+    """
+    fusable = sorted({spec.architecture for spec in group_by_spec(loads)
+                      if any(effective_strategy(spec, s) == "fused" for s in strategies)})  # fmt: skip
+    if not fusable:
+        return {}
+    reported = group_widths_task.submit(fusable, device).result()
+    logger.info("fused group widths on the workers: %s", reported)
+    return {(architecture, device_kind(device)): width for architecture, width in reported.items()}
+
+
 @flow(name="train-shards", flow_run_name="train-{iterations}-iterations-of-{output_dir}")
 def train_shards(
     train_windows: dict[str, int], spec: ModelSpec, iterations: int, output_dir: str, device: str = "cpu",
@@ -116,6 +131,7 @@ def train_shards(
     uses_model = planned or priorities or choosing
     candidates = ("one_by_one", "fused") if choosing else (strategy,)
     model = _cost_model(list(loads.values()), candidates, device, output_dir, logger) if uses_model else CostModel()
+    model.widths.update(_fused_group_widths(list(loads.values()), candidates, device, logger))
     # The measured per-task overhead (0.7 s of probes) decides shard sizes and strategy choices; with
     # fixed shards and one strategy it would only add the same ~0.1 s per remaining task to priorities.
     overhead = _measure_overhead() if planned or choosing else 0.0
@@ -140,7 +156,8 @@ def train_shards(
             "probe_overhead_seconds": overhead,
             "predicted_makespan": summary.predicted_makespan if planned else None,
             "strategies": {s.architecture: effective_strategy(s, strategy) for s in group_by_spec(list(loads.values()))},
-            "strategy_predictions": {a: c["predicted_makespan"] for a, c in choices.items()}}  # fmt: skip
+            "strategy_predictions": {a: c["predicted_makespan"] for a, c in choices.items()},
+            "fused_group_widths": {a: w for (a, _), w in model.widths.items()}}  # fmt: skip
 
     progress = RunProgress(len(loads), iterations, show_bar=progress_bar)
     in_flight: dict[distributed.Future, tuple[ShardPlan, int, object, dict]] = {}
@@ -210,7 +227,8 @@ def train_shards(
         results.append(result)
         if result.networks and not any(n.skipped for n in result.networks) and not result.out_of_memory:
             rows = [loads[n.series_id].rows(iteration) for n in result.networks]
-            model.observe(describe_task(rows, loads[shard.series_ids[0]].spec, strategy, device), result.wall_seconds)
+            model.observe(describe_task(rows, loads[shard.series_ids[0]].spec, strategy, device, model.widths),
+                          result.wall_seconds)  # fmt: skip
         for outcome in result.networks:
             for note in outcome.notes:
                 logger.warning("network %r: %s", outcome.series_id, note)

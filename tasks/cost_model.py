@@ -91,8 +91,16 @@ def macs_per_window(spec: ModelSpec) -> float:
     return _MACS[fingerprint]
 
 
-def describe_task(rows: Sequence[int], spec: ModelSpec, strategy: str, device: str) -> TaskWork:
-    """The features of one task training networks with `rows` training windows each under `spec`."""
+def describe_task(
+    rows: Sequence[int], spec: ModelSpec, strategy: str, device: str,
+    widths: Mapping[tuple[str, str], int | None] | None = None,
+) -> TaskWork:  # fmt: skip
+    """The features of one task training networks with `rows` training windows each under `spec`.
+
+    `widths` maps (architecture, device kind) to the fused group width the workers use (a
+    CostModel's `widths`, reported by a worker); an architecture it lacks gets this process's own
+    tasks.fused.fused_width, which is right where the task itself runs.
+    """
     run = effective_strategy(spec, strategy)
     epochs, batch = spec.epochs_per_iteration, spec.batch_size
     batches = [math.ceil(r / batch) for r in rows]
@@ -100,7 +108,9 @@ def describe_task(rows: Sequence[int], spec: ModelSpec, strategy: str, device: s
         # A step serves every network of a fused group that still has a batch: each group's longest
         # network sets its count, groups formed longest first (tasks.fused.fused_width).
         ordered = sorted(batches, reverse=True)
-        width = fused_width(spec.architecture, device) or max(1, len(ordered))
+        key = (spec.architecture, device_kind(device))
+        width = widths[key] if widths is not None and key in widths else fused_width(spec.architecture, device)
+        width = width or max(1, len(ordered))
         steps = epochs * sum(ordered[start] for start in range(0, len(ordered), width))
     else:
         steps = epochs * sum(batches)
@@ -150,6 +160,9 @@ class CostModel:
         self._seconds: dict[tuple, list[float]] = {}
         self._fitted: dict[tuple, tuple[int, np.ndarray]] = {}
         self.observed: list[dict] = []
+        # (architecture, device kind) -> the fused group width the workers use (None: whole shard), as a
+        # worker reported it; describe the run's tasks with describe_task(..., widths=model.widths).
+        self.widths: dict[tuple[str, str], int | None] = {}
 
     def knows(self, key: tuple[str, str, str]) -> bool:
         return key in self.prior or bool(self._seconds.get(key))

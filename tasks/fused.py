@@ -73,6 +73,16 @@ def fused_width(architecture: str, device: str) -> int | None:
     return {"mlp": 128, "gru": 16}.get(architecture, 8)
 
 
+def fused_widths(architectures, device: str) -> dict[str, int | None]:
+    """fused_width of each architecture as this process would train it: run on a worker for the flow's plan.
+
+    The compiled recurrent layer, and with it the LSTM/GRU width, depends on the machine (a
+    compiler, its CPU flags). The flow plans with the workers' answer, so the flow's own machine
+    never builds the layer and a flow machine without a compiler plans the widths the workers use.
+    """
+    return {architecture: fused_width(architecture, device) for architecture in architectures}
+
+
 @dataclass
 class FusedMember:
     """One network entering a fused iteration: its data, generator and resumed state."""

@@ -15,6 +15,7 @@ from prefect.tasks import exponential_backoff
 
 from models import ModelSpec
 from tasks.calibration import calibrate
+from tasks.fused import fused_widths
 from tasks.series import InvalidSeries, SeriesData, validate_table
 from tasks.storage import stage_values
 from tasks.training import IterationResult, train_shard_iteration
@@ -74,6 +75,12 @@ def dask_priority_here() -> int | None:
 def calibrate_task(spec: ModelSpec, strategy: str, device: str, shortest: int, longest: int) -> list:
     """Time a few tiny real tasks on a worker: the cost model's prior (tasks.calibration)."""
     return calibrate(spec, strategy, device, shortest, longest)
+
+
+@task(name="fused-group-widths", cache_policy=NONE, persist_result=False, retries=1)
+def group_widths_task(architectures: list[str], device: str) -> dict:
+    """The fused group width of each architecture on a worker, for the flow's plan (tasks.fused.fused_widths)."""
+    return fused_widths(architectures, device)
 
 
 @task(name="probe-overhead", cache_policy=NONE, persist_result=False)

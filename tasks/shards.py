@@ -99,7 +99,7 @@ def chain_costs(members: list[NetworkLoad], iterations: int, model: CostModel, o
         return []
     spec = members[0].spec
     return [
-        model.predict(describe_task([m.rows(k) for m in members], spec, strategy, device)) + overhead
+        model.predict(describe_task([m.rows(k) for m in members], spec, strategy, device, model.widths)) + overhead
         for k in range(first_iteration, iterations + 1)
     ]
 

@@ -41,6 +41,21 @@ def test_features_follow_the_strategy_that_really_runs():
     assert macs_per_window(transformer) > 2 * SPEC.window**2 * SPEC.hidden * SPEC.layers  # attention included
 
 
+def test_fused_steps_use_the_group_width_the_workers_reported(monkeypatch):
+    """The flow describes tasks with the width a worker reported, never by building the layer itself."""
+    import tasks.cost_model
+
+    lstm = SPEC.model_copy(update={"architecture": "lstm"})
+    rows = [16 * b for b in (9, 8, 7, 6, 5, 4, 3, 2)]  # 9..2 batches of 16, longest first
+    local = tasks.cost_model.fused_width("lstm", "cpu")
+    monkeypatch.setattr(tasks.cost_model, "fused_width", lambda *a: pytest.fail("asked this process's width"))
+    per_group = {2: 9 + 7 + 5 + 3, 4: 9 + 5, 8: 9, None: 9}  # each group's longest network sets its steps
+    for width, steps in per_group.items():
+        assert describe_task(rows, lstm, "fused", "cpu", {("lstm", "cpu"): width}).steps == 2 * steps
+    monkeypatch.undo()
+    assert describe_task(rows, lstm, "fused", "cpu", {("mlp", "cpu"): 2}).steps == 2 * per_group[local]
+
+
 def test_fit_recovers_non_negative_coefficients_and_small_relative_errors():
     rng = np.random.default_rng(0)
     truth = np.array([0.05, 0.002, 3e-8, 0.0])  # no per-step cost: the fit must not make one up negative

@@ -8,6 +8,7 @@ import pytest
 
 from flows.train import train_many
 from models import ModelSpec
+from tasks.fused import fused_width
 from tasks.storage import checkpoint_path, load_checkpoint, network_dir
 from tests.conftest import series_frame
 
@@ -83,8 +84,11 @@ def test_without_priorities_tasks_run_at_dask_default_priority(tmp_path, mixed_t
     assert not schedule["planned"] and schedule["priorities_asked"] == 0
 
 
-def test_auto_strategy_is_chosen_per_architecture_from_calibrated_timings(tmp_path, mixed_table):
+def test_auto_strategy_is_chosen_per_architecture_from_calibrated_timings(tmp_path, mixed_table, monkeypatch):
     out = tmp_path / "run"
+    # The flow's process plans with the widths a worker reports; computing its own could build the compiled
+    # layer on a machine that trains nothing (the workers are other processes: this does not reach them).
+    monkeypatch.setattr("tasks.cost_model.fused_width", lambda *a: pytest.fail("the flow computed a fused width"))
     results = train_many(mixed_table, model=MODEL, iterations=1, output_dir=str(out), n_workers=2,
                          progress_bar=False)  # strategy="auto" is the default  # fmt: skip
     assert (results["status"] == "trained").all()
@@ -97,5 +101,7 @@ def test_auto_strategy_is_chosen_per_architecture_from_calibrated_timings(tmp_pa
         assert chosen == min(predicted, key=predicted.get)
     tasks = pd.read_parquet(out / "tasks.parquet")
     assert set(tasks["strategy"]) <= set(schedule["strategies"].values())
+    # The plan's fused group widths are what a worker reported (the same machine here, so the same answer).
+    assert schedule["fused_group_widths"] == {a: fused_width(a, "cpu") for a in ("mlp", "lstm")}
     history = pd.read_parquet(out / "cost_history.parquet")
     assert set(zip(history["architecture"], history["strategy"])) == set(schedule["strategies"].items())
