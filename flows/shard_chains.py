@@ -93,7 +93,11 @@ def _fused_group_widths(loads: list[NetworkLoad], strategies: tuple[str, ...], d
                       if any(effective_strategy(spec, s) == "fused" for s in strategies)})  # fmt: skip
     if not fusable:
         return {}
-    reported = group_widths_task.submit(fusable, device).result()
+    try:
+        reported = group_widths_task.submit(fusable, device).result()
+    except Exception as exc:  # only the plan's step counts depend on it: plan with this process's widths
+        logger.warning("could not ask a worker for its fused group widths (%s); planning with this machine's", exc)
+        return {}
     logger.info("fused group widths on the workers: %s", reported)
     return {(architecture, device_kind(device)): width for architecture, width in reported.items()}
 

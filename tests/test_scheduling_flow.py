@@ -105,3 +105,20 @@ def test_auto_strategy_is_chosen_per_architecture_from_calibrated_timings(tmp_pa
     assert schedule["fused_group_widths"] == {a: fused_width(a, "cpu") for a in ("mlp", "lstm")}
     history = pd.read_parquet(out / "cost_history.parquet")
     assert set(zip(history["architecture"], history["strategy"])) == set(schedule["strategies"].items())
+
+
+def test_a_worker_that_cannot_report_its_group_widths_does_not_stop_the_run(tmp_path, mixed_table, monkeypatch):
+    from prefect import task
+
+    import flows.shard_chains
+
+    @task(name="fused-group-widths", retries=0)
+    def broken(architectures, device):
+        raise RuntimeError("worker gone")
+
+    monkeypatch.setattr(flows.shard_chains, "group_widths_task", broken)
+    out = tmp_path / "run"
+    results = train_many(mixed_table, model=MODEL, iterations=1, shard_size=4, output_dir=str(out), n_workers=2,
+                         strategy="fused", priorities=False, progress_bar=False)  # fmt: skip
+    assert (results["status"] == "trained").all()
+    assert json.loads((out / "schedule.json").read_text())["fused_group_widths"] == {}
