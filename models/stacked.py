@@ -345,11 +345,11 @@ class StackedAdam:
     def step(self, active: torch.Tensor) -> None:
         """Update networks 0..len(active)-1 where `active` (bool) is True; later networks are untouched.
 
-        PyTorch's fused Adam kernel (one pass over each tensor, as torch.optim.Adam(fused=True))
-        does the update. It takes one step count and learning rate per call, so each run of adjacent
-        networks stepping with the same pair shares a call. Runs are few: a fused group is sorted
-        longest first, so step counts (epochs x batches per epoch) only fall along it. A masked
-        network is simply not passed.
+        Row-wise (`_step_rows`) where the optimizer is; otherwise PyTorch's fused Adam kernel (one
+        pass over each tensor, as torch.optim.Adam(fused=True)) does the update. It takes one step
+        count and learning rate per call, so each run of adjacent networks stepping with the same
+        pair shares a call. Runs are few: a fused group is sorted longest first, so step counts
+        (epochs x batches per epoch) only fall along it. A masked network is simply not passed.
         """
         if self.rowwise:
             self._step_rows(active)
