@@ -7,7 +7,7 @@
 #   4. benchmarks.gpu_recurrent_step: the fused LSTM's time steps eager against torch.compile'd (per cell,
 #      per layer), the measurement the LSTM's 20x needs next.
 # Here first: `make gpu-wheels` (what the machine's image lacks, into .whl). Then, with the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
 # Everything it prints and the benchmark's JSON land in $OUT. A dry run on this CPU:
 #   PYTHON=.venv/bin/python SIZES=16 bash benchmarks/gpu_check.sh cpu
 set -uo pipefail
