@@ -17,31 +17,35 @@ from tasks.allocator import keep_freed_memory
 from tasks.training import warm_up
 
 
-# Architectures already warmed up in this worker process: the local cluster registers the plugin when
-# it starts and train_shards registers it again (it must, for an existing cluster), which re-runs setup.
-_WARMED: set[str] = set()
+# (device, architecture) pairs already warmed up in this worker process: the local cluster registers the
+# plugin when it starts and train_shards registers it again (it must, for an existing cluster), which
+# re-runs setup.
+_WARMED: set[tuple[str, str]] = set()
 
 
 class TorchWarmup(distributed.WorkerPlugin):
     """Readies every worker as it joins: malloc thresholds for training (tasks.allocator), and PyTorch
-    warmed up for `architectures`, so no network pays for it. A process warms each architecture once."""
+    warmed up for `architectures` on the run's device, so no network pays for it. A process warms each
+    architecture once per device. A worker without a GPU in a CUDA run (it gets no CUDA tasks) warms its CPU."""
 
     name = "manynets-torch-warmup"
 
-    def __init__(self, architectures: tuple[str, ...] = ARCHITECTURES):
+    def __init__(self, architectures: tuple[str, ...] = ARCHITECTURES, device: str = "cpu"):
         self.architectures = tuple(architectures)
+        self.device = device
 
     @classmethod
-    def for_run(cls, spec_architecture: str, architectures: dict[str, str]) -> "TorchWarmup":
+    def for_run(cls, spec_architecture: str, architectures: dict[str, str], device: str = "cpu") -> "TorchWarmup":
         """The plugin for a run of `spec_architecture` whose series may name others (series id -> architecture)."""
-        return cls(tuple(sorted({spec_architecture, *architectures.values()})))
+        return cls(tuple(sorted({spec_architecture, *architectures.values()})), device)
 
     def setup(self, worker: distributed.Worker) -> None:
         keep_freed_memory()
-        cold = tuple(a for a in self.architectures if a not in _WARMED)
+        device = self.device if self.device == "cpu" or torch.cuda.is_available() else "cpu"
+        cold = tuple(a for a in self.architectures if (device, a) not in _WARMED)
         if cold:
-            warm_up(architectures=cold)
-            _WARMED.update(cold)
+            warm_up(device, cold)
+            _WARMED.update((device, a) for a in cold)
 
 
 class ClusterUnreachable(ConnectionError):

@@ -126,7 +126,7 @@ def train_shards(
     logger.info("Dask dashboard: %s", client.dashboard_link)
     # Registered plugins also run on workers that join later, e.g. after a restart.
     architectures = architectures or {}
-    client.register_plugin(TorchWarmup.for_run(spec.architecture, architectures))
+    client.register_plugin(TorchWarmup.for_run(spec.architecture, architectures, device))
     specs = {a: spec.model_copy(update={"architecture": a}) for a in set(architectures.values())}
     loads = {sid: NetworkLoad(sid, specs.get(architectures.get(sid), spec), rows) for sid, rows in train_windows.items()}
     workers = _cluster_threads(client)

@@ -137,7 +137,7 @@ def train_many(
     # validated and staged.
     local = None
     if not cluster_address:
-        local = LocalClusterInBackground(n_workers, device, TorchWarmup.for_run(spec.architecture, architectures))
+        local = LocalClusterInBackground(n_workers, device, TorchWarmup.for_run(spec.architecture, architectures, device))
     try:
         return _train_and_report(
             table, spec, architectures, out, iterations, shard_size, cluster_address or local, device, progress_bar,

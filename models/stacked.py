@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import native
+from models import gpu_recurrent, native
 from models.forecasters import float32_recurrence
 
 # A bound parameter is a strided view of the weight matrix, so its gradient (a view of the gradient
@@ -47,8 +47,11 @@ class StackedNetworks(nn.Module):
     copying weights.
     """
 
-    def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None):
-        """Stack `networks`: single modules, or their parameter dicts with a `template` module of the same spec."""
+    def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None,
+                 device: torch.device | str | None = None):  # fmt: skip
+        """Stack `networks`: single modules, or their parameter dicts with a `template` module of the same spec.
+
+        `device` places the stack there as it is built (its gradients are created there, not copied)."""
         super().__init__()
         named = [n if isinstance(n, dict) else dict(n.named_parameters()) for n in networks]
         template = template if template is not None else networks[0]
@@ -64,7 +67,8 @@ class StackedNetworks(nn.Module):
         self.shapes = [self._layout_shape(i) for i in range(len(self.keys))]
         stops = torch.tensor([math.prod(shape) for shape in self.shapes]).cumsum(0).tolist()
         self.columns = list(zip([0] + stops[:-1], stops))
-        self.register_buffer("weights", self.rows([[n[key].detach() for n in named] for key in self.keys]))
+        weights = self.rows([[n[key].detach() for n in named] for key in self.keys])
+        self.register_buffer("weights", weights if device is None else weights.to(device))
         self.register_buffer("grads", torch.zeros_like(self.weights))
 
     def _layout_shape(self, index: int) -> tuple[int, ...]:
@@ -161,7 +165,8 @@ class _StackedRecurrent(StackedNetworks):
 
     module = ""  # the single forecaster's attribute holding its nn.LSTM / nn.GRU
     compiled_layer: type[torch.autograd.Function]  # models.native's layer, used where it is usable
-    # False runs the eager steps even where the compiled layer could run (tests compare the two).
+    gpu_layer: type[torch.autograd.Function] | None = None  # models.gpu_recurrent's, on CUDA where it is usable
+    # False runs the eager steps even where a compiled layer could run (tests compare the two).
     use_compiled = True
     # The eager steps get projections that already hold the recurrent bias (run_layer's bias_hh is None).
     bias_hh_in_projection = False
@@ -174,19 +179,28 @@ class _StackedRecurrent(StackedNetworks):
         # network, with no reordering copy of the whole projection (and none back in the backward).
         seq = x.transpose(1, 2).reshape(k, steps * batch, 1)
         with float32_recurrence(x.device.type):
-            compiled = self.use_compiled and native.usable(seq)
-            last = self._layers(seq, w, k, batch, steps, layers, compiled)
+            last = self._layers(seq, w, k, batch, steps, layers, self.layer_function(seq))
         return self.linear(last, w, "head")
 
-    def _layers(self, seq, w: dict, k: int, batch: int, steps: int, layers: int, compiled: bool) -> torch.Tensor:
-        """The last layer's hidden state at the last step, (K, batch, hidden)."""
+    def layer_function(self, seq: torch.Tensor) -> type[torch.autograd.Function] | None:
+        """The compiled layer that runs on `seq` (the CPU's, else the GPU's), or None for the eager steps."""
+        if not self.use_compiled:
+            return None
+        if native.usable(seq):
+            return self.compiled_layer
+        hidden = self.single_shapes[self.keys.index(f"{self.module}.weight_hh_l0")][1]
+        return self.gpu_layer if self.gpu_layer is not None and gpu_recurrent.usable(seq, hidden) else None
+
+    def _layers(self, seq, w: dict, k: int, batch: int, steps: int, layers: int, compiled) -> torch.Tensor:
+        """The last layer's hidden state at the last step, (K, batch, hidden); `compiled` is
+        layer_function's answer."""
         for layer in range(layers):
             at = f"{self.module}.%s_l{layer}"
-            if compiled:
+            if compiled is not None:
                 # The layer adds the input bias itself. Its output (K, time, batch, hidden) is the next
                 # layer's input as it is, with no stacking.
                 projected = torch.bmm(seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
-                hidden = self.compiled_layer.apply(projected, w[at % "weight_hh"], w[at % "bias_ih"], w[at % "bias_hh"])
+                hidden = compiled.apply(projected, w[at % "weight_hh"], w[at % "bias_ih"], w[at % "bias_hh"])
                 seq, last = hidden.view(k, steps * batch, -1), hidden[:, -1]
             else:
                 # All time steps' input projections at once, with the recurrent bias too where the
@@ -213,6 +227,7 @@ class StackedLSTM(_StackedRecurrent):
 
     module = "lstm"
     compiled_layer = native.LSTMLayer
+    gpu_layer = gpu_recurrent.LSTMLayer
     # On a GPU, where these steps run, each whole-size add is another pass over the gates in memory.
     bias_hh_in_projection = True
 
@@ -254,8 +269,9 @@ class StackedGRU(_StackedRecurrent):
 class StackedTransformer(StackedNetworks):
     """K TransformerForecasters (post-norm encoder layers, ReLU feed-forward, no dropout)."""
 
-    def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None):
-        super().__init__(networks, template)
+    def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None,
+                 device: torch.device | str | None = None):  # fmt: skip
+        super().__init__(networks, template, device)
         first = template if template is not None else networks[0]
         self.heads = first.encoder.layers[0].self_attn.num_heads
         self.eps = first.encoder.layers[0].norm1.eps
@@ -296,11 +312,13 @@ STACKED: dict[str, type[StackedNetworks]] = {
 
 
 def stack(
-    architecture: str, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None
+    architecture: str, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None,
+    device: torch.device | str | None = None,
 ) -> StackedNetworks:  # fmt: skip
     """The stacked version of `networks` (all of `architecture` and one spec): modules, or parameter
-    dicts (state-dict names) with a `template` module of that spec giving their order and shapes."""
-    return STACKED[architecture](networks, template)
+    dicts (state-dict names) with a `template` module of that spec giving their order and shapes;
+    built on `device` where one is given."""
+    return STACKED[architecture](networks, template, device)
 
 
 class StackedAdam:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import ModelSpec, build_model, fresh_weights, native
+from models import ModelSpec, build_model, fresh_weights, gpu_recurrent, native
 from models.spec import ARCHITECTURES
 from models.stacked import StackedAdam, StackedNetworks, stack
 from tasks.series import Windows, for_iteration, make_windows, window_values
@@ -64,11 +64,16 @@ def fused_width(architecture: str, device: str) -> int | None:
     against 14.0 / 14.3 / 14.4 s of 2, GRUs 11.4 / 11.0 / 11.1 s against 11.7 / 11.3 / 11.3 s), and 4
     means half the groups. The recurrent and attention cap also keeps those fused tasks within the widths
     calibration times (tasks/calibration.py), so the strategy choice does not rest on
-    extrapolation. A GPU wants the widest batch it can get: no cap. A wider shard trains as
-    consecutive groups, longest networks together.
+    extrapolation. A GPU is kept busy by one group of any of these shards (no cap), but for LSTMs
+    on the Triton layer (models/gpu_recurrent.py): there a group's checkpoints are encoded and
+    written while the next group trains, and one iteration of 1660 LSTMs on an H100 took 2.22 s in
+    groups of 415 against 2.57 s in groups of 830 and 2.73 / 2.74 s in one (`python -m
+    benchmarks.fused_vs_loop --device cuda --architectures lstm --fused-widths 830 415`; the one
+    group from `benchmarks.fused_phases`, warm, as the widths were). 415 is the narrowest width
+    measured. A wider shard trains as consecutive groups, longest networks together.
     """
     if device.startswith("cuda"):
-        return None
+        return 415 if architecture == "lstm" and gpu_recurrent.available() else None
     if architecture in {"lstm", "gru"} and native.load() is not None:
         return 4
     return {"mlp": 128, "gru": 16}.get(architecture, 8)
@@ -222,7 +227,9 @@ def train_fused_iteration(
     # each step computes only those (no work on networks that have finished their epoch).
     members = sorted(members, key=lambda m: -m.windows.x_train.shape[0])
     k_count = len(members)
-    stacked = stack(spec.architecture, [m.weights for m in members], template).to(device)
+    # Built on the device: its (K, P) gradients are zeroed there, not zeroed on the host and copied (2 x 88 MB
+    # for 1660 LSTMs).
+    stacked = stack(spec.architecture, [m.weights for m in members], template, device)
     optimizer = StackedAdam(stacked, lr=spec.learning_rate)
     _load_optimizer_states(stacked, optimizer, members)
     adam_layout = torch.optim.Adam(template.parameters(), lr=spec.learning_rate).state_dict()
@@ -243,12 +250,22 @@ def train_fused_iteration(
     watching = spec.early_stopping_patience is not None
 
     def validation_losses() -> torch.Tensor:
+        """Each network's validation MSE, computed a training batch's width of windows at a time.
+
+        At once, the validation windows of 1660 LSTMs (up to 492 a network) would need ~20 GB for
+        their gates and states on a GPU (1660 x 32 steps x 492 x 6 x 32 floats), 4x a training step:
+        in chunks it never needs more memory than a step."""
         stacked.eval()
+        squared = torch.zeros(k_count, device=device)
         with torch.no_grad():
-            inputs, targets = _gather(val_pairs, val_idx)
-            with spec.autocast(device):
-                prediction = stacked(inputs)
-            return _masked_mse(prediction.float(), targets, val_real).cpu()
+            for start in range(0, val_idx.shape[1], batch):
+                real = val_real[:, start : start + batch]
+                inputs, targets = _gather(val_pairs, val_idx[:, start : start + batch])
+                with spec.autocast(device):
+                    prediction = stacked(inputs)
+                errors = F.mse_loss(prediction.float(), targets, reduction="none")
+                squared += torch.where(real.unsqueeze(-1), errors, torch.zeros((), device=device)).sum(dim=(1, 2))
+        return (squared / (val_counts.to(device).clamp(min=1) * val_pairs[1].shape[-1])).cpu()
 
     for _ in range(spec.epochs_per_iteration):
         if not active.any():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models import ModelSpec, build_model, native
+from models import ModelSpec, build_model, gpu_recurrent, native
 from models.spec import ARCHITECTURES
 from tasks.series import Windows, make_windows
 from tasks.storage import (
@@ -252,6 +252,8 @@ def warm_up(device: str = "cpu", architectures: tuple[str, ...] = ARCHITECTURES)
     """
     if device == "cpu" and {"lstm", "gru"} & set(architectures):
         native.load()  # built once per machine (~30 s), then loaded: never inside a timed task
+    if "lstm" in architectures:
+        gpu_recurrent.warm_up(device)  # its Triton kernels, compiled (or read from Triton's cache) on a GPU
     generator = torch.Generator().manual_seed(0)
     for architecture in architectures:
         spec = ModelSpec(architecture=architecture, hidden=4, layers=1, heads=1, window=4, horizon=2, batch_size=4,
@@ -292,7 +294,9 @@ def checkpoint_tensors(model_state: dict, optimizer_state: dict, generator_state
             "generator": generator_state}  # fmt: skip
 
 
-def write_iteration(folder, step: int, body: bytes, worker: str, checkpoints: list[int] | None = None) -> None:
+def write_iteration(
+    folder, step: int, body: bytes | tuple, worker: str, checkpoints: list[int] | None = None
+) -> None:
     """Write a network's checkpoint body for iteration `step`, journal it and prune old checkpoints.
 
     `checkpoints`: the iterations the folder holds with this one, where the caller knows them (else listed).

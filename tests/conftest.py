@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Where the tests do not run on a GPU, Triton's kernels (models/gpu_recurrent.py) run in its CPU
+# interpreter, which must be chosen before Triton is first imported.
+if os.environ.get("MANYNETS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

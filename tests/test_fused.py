@@ -110,6 +110,37 @@ def test_the_gpus_rowwise_adam_trains_fused_networks_as_alone(ragged, monkeypatc
                             checkpoint(root / "alone", n.series_id, n.iteration))  # fmt: skip
 
 
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton's interpreter was not chosen before Triton was imported (tests/conftest.py)")
+def test_the_gpus_lstm_layer_and_adam_train_fused_networks_as_alone(ragged, monkeypatch):
+    """A GPU's whole fused LSTM path, forced here (its Triton kernels in Triton's CPU interpreter off a
+    GPU): the stacked layer of models/gpu_recurrent.py and the row-wise Adam, with decay and early stopping."""
+    import functools
+
+    import tasks.fused
+    from models import gpu_recurrent, native
+    from models.stacked import StackedAdam
+
+    if not gpu_recurrent.available():
+        pytest.skip("Triton is not installed")
+    root, ids = ragged
+    layers = []
+    monkeypatch.setattr(native, "usable", lambda x: False)
+    monkeypatch.setattr(gpu_recurrent, "usable",
+                        lambda x, hidden=None: layers.append(x.shape) or x.dtype == torch.float32)  # fmt: skip
+    monkeypatch.setattr(tasks.fused, "StackedAdam", functools.partial(StackedAdam, rowwise=True))
+    spec = spec_for("lstm", epochs_per_iteration=3, lr_decay=0.7, early_stopping_patience=1,
+                    early_stopping_min_delta=0.02)  # fmt: skip
+    for iteration in (1, 2):
+        fused = train_shard_iteration(0, ids, spec, iteration, str(root / "fused"), strategy="fused")
+        train_shard_iteration(0, ids, spec, iteration, str(root / "alone"), strategy="one_by_one")
+    assert layers, "the fused steps should have run the GPU layer"
+    for n in fused.networks:
+        assert n.status in {"trained", "stopped"}
+        assert_same_network(checkpoint(root / "fused", n.series_id, n.iteration),
+                            checkpoint(root / "alone", n.series_id, n.iteration))  # fmt: skip
+
+
 def test_a_fused_checkpoint_resumes_one_by_one_and_vice_versa(ragged):
     root, ids = ragged
     train_shard_iteration(0, ids, SPEC, 1, str(root / "fused"), strategy="fused")
@@ -261,10 +292,13 @@ def test_a_fused_groups_time_is_split_by_the_windows_each_network_trained(ragged
     assert 0 < sum(n.seconds for n in result.networks) <= wall
 
 
-def test_fused_groups_are_capped_on_cpu_only_and_narrower_for_recurrent_and_attention_networks():
+def test_fused_groups_are_capped_on_cpu_and_for_lstms_on_a_gpu_and_narrower_for_recurrent_and_attention_networks():
+    from models import gpu_recurrent
     from tasks.fused import fused_width
 
     assert fused_width("mlp", "cuda") is None and fused_width("gru", "cuda:0") is None
+    # LSTMs on the Triton layer: groups whose checkpoints are written while the next trains.
+    assert fused_width("lstm", "cuda") == (415 if gpu_recurrent.available() else None)
     assert fused_width("lstm", "cpu") <= fused_width("transformer", "cpu") < fused_width("mlp", "cpu")
     assert fused_width("gru", "cpu") < fused_width("mlp", "cpu")
 

@@ -171,8 +171,11 @@ def test_the_warmup_plugin_warms_each_architecture_once_per_worker_process(monke
 
     warmed = []
     monkeypatch.setattr(flows.cluster, "_WARMED", set())
-    monkeypatch.setattr(flows.cluster, "warm_up", lambda architectures: warmed.append(architectures))
+    monkeypatch.setattr(flows.cluster, "warm_up", lambda device, architectures: warmed.append((device, architectures)))
     monkeypatch.setattr(flows.cluster, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(flows.cluster.torch.cuda, "is_available", lambda: False)
     flows.cluster.TorchWarmup.for_run("mlp", {"a": "lstm"}).setup(worker=None)
     flows.cluster.TorchWarmup.for_run("mlp", {"a": "lstm", "b": "gru"}).setup(worker=None)
-    assert warmed == [("lstm", "mlp"), ("gru",)]
+    # A CUDA run on a worker without a GPU warms its CPU, where the architectures are warm already.
+    flows.cluster.TorchWarmup.for_run("mlp", {"b": "gru", "c": "transformer"}, "cuda").setup(worker=None)
+    assert warmed == [("cpu", ("lstm", "mlp")), ("cpu", ("gru",)), ("cpu", ("transformer",))]
