@@ -67,7 +67,21 @@ def test_bodies_encoded_together_are_byte_for_byte_each_networks_own_body(dtype)
 
     assert len(bodies) == count
     for k in range(count):
-        assert bodies[k] == checkpoint_body({**own[k], **row(stacked, k)})
+        assert b"".join(bodies[k]) == checkpoint_body({**own[k], **row(stacked, k)})
+
+
+def test_a_body_written_in_parts_is_the_file_its_joined_bytes_give_and_loads(tmp_path):
+    from tasks.storage import checkpoint_bodies, load_checkpoint, write_checkpoint_body
+
+    stacked = {"model": {"w": torch.randn(3, 2, 2)}, "step": torch.arange(3.0)}
+    bodies = checkpoint_bodies([{"metrics": {"val_loss": float(k)}} for k in range(3)], stacked)
+    for k, parts in enumerate(bodies):
+        assert len(parts) == 2 and isinstance(parts[1], memoryview)  # the tensors' bytes, not a copy
+        write_checkpoint_body(tmp_path / f"parts-{k}.ckpt", parts)
+        write_checkpoint_body(tmp_path / f"joined-{k}.ckpt", b"".join(parts))
+        assert (tmp_path / f"parts-{k}.ckpt").read_bytes() == (tmp_path / f"joined-{k}.ckpt").read_bytes()
+        loaded = load_checkpoint(tmp_path / f"parts-{k}.ckpt")
+        assert torch.equal(loaded["model"]["w"], stacked["model"]["w"][k]) and loaded["metrics"]["val_loss"] == k
 
 
 def test_bodies_encoded_together_fall_back_to_one_safetensors_call_each_where_the_header_is_not_as_expected(
@@ -82,7 +96,7 @@ def test_bodies_encoded_together_fall_back_to_one_safetensors_call_each_where_th
     bodies = checkpoint_bodies(own, stacked)
     for k in range(3):
         alone = {**own[k], "model": {"w": stacked["model"]["w"][k]}, "step": stacked["step"][k]}
-        assert bodies[k] == checkpoint_body(alone)
+        assert b"".join(bodies[k]) == checkpoint_body(alone)
 
 
 def test_bodies_encoded_together_refuse_what_they_cannot_encode_per_network():
