@@ -21,18 +21,23 @@ and is set against the peak of a float32 batched matmul measured in the same run
 Prints a table and writes benchmarks/results/fused_vs_loop.json (or fused_short_series.json).
 With --repeats R, each one-thread way is timed R times, interleaved, and the fastest kept.
 With --device cuda, the loop and the engine both train on the GPU (benchmarks/gpu_check.sh runs it).
+With --fused-widths W..., the fused engine is also timed with its groups W wide (the speedup of each
+is in the JSON and printed), so a width is chosen against the loop of the same run.
 Run: `python -m benchmarks.fused_vs_loop [--architectures mlp lstm gru transformer] [--sizes 64 256 1660]
-[--epochs 5] [--other-epochs 1] [--every-core] [--skip-one-by-one] [--repeats 1] [--device cpu] [--short]`.
+[--epochs 5] [--other-epochs 1] [--every-core] [--skip-one-by-one] [--repeats 1] [--device cpu] [--short]
+[--fused-widths W ...]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+import tasks.fused
 from data import BUNDLED_SERIES
 from models import ModelSpec
 from models.forecasters import GRUForecaster, LSTMForecaster, TransformerForecaster
@@ -87,11 +93,15 @@ def plain_loop(series, spec: ModelSpec, device: str = "cpu") -> float:
     return time.perf_counter() - started
 
 
-def engine(series, spec: ModelSpec, strategy: str, device: str = "cpu") -> float:
-    """train_shard_iteration over all the series as one shard, staged data and checkpoints included."""
-    with tempfile.TemporaryDirectory(prefix="manynets-fused-") as scratch:
+def engine(series, spec: ModelSpec, strategy: str, device: str = "cpu", width: int | None = None) -> float:
+    """train_shard_iteration over all the series as one shard, staged data and checkpoints included.
+
+    `width` replaces the fused groups' width (tasks.fused.fused_width) for this call."""
+    with tempfile.TemporaryDirectory(prefix="manynets-fused-") as scratch, contextlib.ExitStack() as patches:
         for item in series:
             stage_values(scratch, item.series_id, item.values)
+        if width is not None:
+            patches.enter_context(mock.patch.object(tasks.fused, "fused_width", lambda architecture, device: width))
         started = time.perf_counter()
         result = train_shard_iteration(0, [s.series_id for s in series], spec, 1, scratch, device, strategy=strategy)
         seconds = time.perf_counter() - started  # every checkpoint is on the host: the device is done
@@ -202,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="time each one-thread way this many times, interleaved, and keep the fastest")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: the loop and the engine both there")
+    parser.add_argument("--fused-widths", type=int, nargs="+", default=[],
+                        help="also time the fused engine with its groups this wide, in the same run (the table's "
+                             "fused column keeps the engine's own width)")  # fmt: skip
     parser.add_argument("--output", default="fused_vs_loop.json", help="file name under benchmarks/results")
     args = parser.parse_args(argv)
     device = args.device
@@ -237,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.skip_one_by_one:
                     timings["one_by_one"].append(engine(series, spec, "one_by_one", device))
                 timings["fused"].append(engine(series, spec, "fused", device))
+                for width in args.fused_widths:
+                    timings.setdefault(f"fused_width_{width}", []).append(engine(series, spec, "fused", device, width))
             loop, fused = min(timings["plain_loop"]), min(timings["fused"])
             one_by_one = min(timings["one_by_one"]) if timings["one_by_one"] else None
             machine = {}
@@ -255,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                          "fused_samples_per_s": samples / fused, "fused_speedup_vs_loop": loop / fused,
                          "one_by_one_speedup_vs_loop": None if one_by_one is None else loop / one_by_one,
                          "fused_gflops": flop / fused / 1e9, "loop_gflops": flop / loop / 1e9,
-                         "fused_share_of_peak": flop / fused / peak})  # fmt: skip
+                         "fused_share_of_peak": flop / fused / peak,
+                         "fused_speedup_by_width": {w: loop / min(timings[f"fused_width_{w}"])
+                                                    for w in args.fused_widths}})  # fmt: skip
             print(rows[-1], flush=True)
     fastest = f", fastest of {args.repeats} interleaved" if args.repeats > 1 else ""
     view = Table(title=f"One iteration of N networks, {where}{fastest}: seconds, throughput, speedup over the "

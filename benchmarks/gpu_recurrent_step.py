@@ -1,18 +1,21 @@
 """Ways to run the fused LSTM's time steps on a GPU, side by side: the measurement issue #5's LSTM >= 20x needs next.
 
-On an H200 the fused LSTM's steps took 1.6-2.1 s of its 3.4 s (`benchmarks.fused_phases`): each time
-step is ~10 small kernels forward and ~20 backward over gates of up to 1660 x 128 x 128 floats. One
+On an H200 the fused LSTM's eager steps took 1.6-2.1 s of its 3.4 s (`benchmarks.fused_phases`): each
+time step is ~10 small kernels forward and ~20 backward over gates of up to 1660 x 128 x 128 floats. One
 training step (forward, MSE loss, backward) of K stacked two-layer LSTM forecasters (32 wide, window
-32, batch 128) is timed three ways:
-  - eager: models.stacked's steps, as the fused engine runs them on a GPU now;
+32, batch 128) is timed four ways:
+  - eager: models.stacked's steps, as the fused engine ran them on a GPU before the Triton layer;
   - cell: each time step's cell under torch.compile (dynamic shapes): the gates' elementwise work
     becomes one generated kernel forward and one backward;
-  - layer: a layer's whole loop over time under torch.compile.
+  - layer: a layer's whole loop over time under torch.compile;
+  - triton: models/gpu_recurrent.py's layer (what the engine runs on a GPU): one Triton kernel per
+    layer each way, every time step inside it.
 For each: the first call's seconds (compilation included), the best of R steps after it, and the
 largest gradient difference from eager. On a CPU the stacked layer runs its eager steps too (the
-compiled C++ layer is switched off here), so the script dry-runs anywhere with a compiler.
+compiled C++ layer is switched off here), so the script dry-runs anywhere with a compiler (but for
+"triton", which needs a GPU).
 Run: `python -m benchmarks.gpu_recurrent_step [--device cuda] [--networks 256 1660] [--repeats 5]
-[--ways eager cell layer]`; writes benchmarks/results/gpu_recurrent_step_<device>.json.
+[--ways eager cell layer triton]`; writes benchmarks/results/gpu_recurrent_step_<device>.json.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from models import ModelSpec, build_model
+from models import ModelSpec, build_model, gpu_recurrent
 from models.stacked import StackedLSTM, stack
 
 RESULTS = Path(__file__).with_name("results")
@@ -74,7 +77,7 @@ class LayerCompiledLSTM(StackedLSTM):
         return LayerCompiledLSTM.compiled(self, projected, weight_hh, bias_hh)
 
 
-WAYS = {"eager": StackedLSTM, "cell": CellCompiledLSTM, "layer": LayerCompiledLSTM}
+WAYS = {"eager": StackedLSTM, "cell": CellCompiledLSTM, "layer": LayerCompiledLSTM, "triton": StackedLSTM}
 
 
 def synchronize(device: str) -> None:
@@ -88,7 +91,11 @@ def measure(way: str, networks: int, device: str, repeats: int, reference: list 
     template = build_model(spec, generator)
     model = stack("lstm", [build_model(spec, generator) for _ in range(networks)], template)
     model.__class__ = WAYS[way]
-    model.use_compiled = False  # the eager steps on a CPU too (models/native.py is the CPU's own path)
+    # The eager steps on a CPU too (models/native.py is the CPU's own path); "triton" is the layer the
+    # engine runs on a GPU (models/gpu_recurrent.py).
+    model.use_compiled = way == "triton"
+    if way == "triton" and not gpu_recurrent.usable(torch.zeros(1, device=device)):
+        raise RuntimeError(f"models.gpu_recurrent's layer does not run on {device}")
     model = model.to(device)
     x = torch.randn(networks, 128, spec.window, generator=generator).to(device)
     y = torch.randn(networks, 128, spec.horizon, generator=generator).to(device)
