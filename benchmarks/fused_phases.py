@@ -8,7 +8,9 @@ the speedup; this prints each phase, for each architecture:
   - bodies: encoding every network's checkpoint (tasks.storage.checkpoint_bodies);
   - writes after: waiting for the checkpoint writer threads once training is done;
   - engine: the whole call, as benchmarks.fused_vs_loop times it (the phases and the outcomes' assembly).
-On a CPU the networks are held in one group too (as on a GPU), so the phases compare across devices.
+The networks are held in one group on every device, so the phases compare across devices and
+architectures (the engine itself trains LSTMs on a GPU in groups of 415, whose phases overlap:
+one group's checkpoints are written while the next trains).
 Run: `python -m benchmarks.fused_phases [--device cuda] [--architectures mlp lstm] [--networks 1660]
 [--epochs 5] [--other-epochs 1] [--repeats 2]`; writes benchmarks/results/fused_phases_<device>.json.
 """
@@ -51,7 +53,7 @@ def time_phases() -> dict[str, float]:
     stamped(tasks.fused, "train_fused_iteration", "train_start", "iteration_done")
     stamped(tasks.fused, "checkpoint_bodies", "bodies_start", "bodies_done")
     stamped(tasks.fused.CheckpointWriters, "__exit__", None, "writes_done")
-    tasks.fused.fused_width = lambda architecture, device: None  # one group, as on a GPU
+    tasks.fused.fused_width = lambda architecture, device: None  # one group: phases that do not overlap
     return marks
 
 
