@@ -10,8 +10,9 @@ import types
 import pytest
 import torch
 
-from models import ModelSpec, build_model, gpu_recurrent, native
-from models.stacked import StackedLSTM, stack
+from models import gpu_recurrent, native
+from models.stacked import StackedLSTM
+from tests.stacked_pairs import forward_backward, stacked_pair
 
 DEVICE = os.environ.get("MANYNETS_TEST_DEVICE", "cpu")
 pytestmark = [
@@ -28,30 +29,16 @@ def gpu_layer_on_this_device(monkeypatch):
     monkeypatch.setattr(gpu_recurrent, "usable", lambda x, hidden=None: x.dtype == torch.float32)
 
 
-def stacked_pair(k: int, hidden: int, layers: int):
+def lstm_pair(k: int, hidden: int, layers: int):
     """The same K LSTM networks stacked twice on DEVICE: one running the GPU layer, one the eager steps."""
-    spec = ModelSpec(architecture="lstm", hidden=hidden, layers=layers, window=12, horizon=3)
-    networks = []
-    for seed in range(k):
-        torch.manual_seed(seed)
-        networks.append(build_model(spec))
-    layered, eager = stack("lstm", networks).to(DEVICE), stack("lstm", networks).to(DEVICE)
-    eager.use_compiled = False
-    return layered, eager
-
-
-def forward_backward(model, x, target):
-    model.grads.zero_()
-    out = model(x)
-    ((out - target) ** 2).mean(dim=(1, 2)).sum().backward()
-    return out.detach().cpu(), model.grads.detach().cpu()
+    return stacked_pair("lstm", k, hidden, layers, DEVICE)
 
 
 # Hidden sizes below, at and past a power of two (the kernels mask the columns past H) and batches
 # whose K x B rows do not fill the last program.
 @pytest.mark.parametrize("k, hidden, layers, batch", [(1, 8, 1, 40), (5, 16, 2, 37), (3, 33, 3, 40), (2, 32, 2, 64)])
 def test_gpu_layer_matches_eager(k, hidden, layers, batch):
-    layered, eager = stacked_pair(k, hidden, layers)
+    layered, eager = lstm_pair(k, hidden, layers)
     assert layered.layer_function(torch.zeros(1, device=DEVICE)) is gpu_recurrent.LSTMLayer
     torch.manual_seed(100)
     x, target = (torch.randn(k, batch, 12) * 2).to(DEVICE), torch.randn(k, batch, 3).to(DEVICE)
@@ -63,7 +50,7 @@ def test_gpu_layer_matches_eager(k, hidden, layers, batch):
 
 def test_gpu_layer_keeps_a_nan_network_apart():
     """A NaN in one network's input stays in that network's outputs and gradients, as it does eagerly."""
-    layered, eager = stacked_pair(3, 8, 2)
+    layered, eager = lstm_pair(3, 8, 2)
     x, target = torch.randn(3, 16, 12), torch.randn(3, 16, 3)
     x[1, 4, 7] = float("nan")
     x, target = x.to(DEVICE), target.to(DEVICE)
@@ -77,14 +64,14 @@ def test_gpu_layer_keeps_a_nan_network_apart():
 
 def test_a_prefix_of_the_stack_runs_alone():
     """upto=k trains the first k networks only (the fused loop's shrinking steps): their outputs are unchanged."""
-    layered, _ = stacked_pair(4, 8, 2)
+    layered, _ = lstm_pair(4, 8, 2)
     x = torch.randn(4, 16, 12).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(layered(x[:2], upto=2), layered(x)[:2], rtol=1e-6, atol=1e-7)
 
 
 def test_a_second_backward_through_the_gpu_layer_is_refused():
-    layered, _ = stacked_pair(2, 8, 1)
+    layered, _ = lstm_pair(2, 8, 1)
     loss = layered(torch.randn(2, 4, 12).to(DEVICE)).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):

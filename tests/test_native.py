@@ -3,31 +3,12 @@
 import pytest
 import torch
 
-from models import ModelSpec, build_model, native
-from models.stacked import stack
+from models import native
+from tests.stacked_pairs import forward_backward, stacked_pair
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="the compiled recurrent layer is switched off or could not be built here"
 )
-
-
-def stacked_pair(architecture: str, k: int, hidden: int, layers: int):
-    """The same K networks stacked twice: one running the compiled layer, one the eager steps."""
-    spec = ModelSpec(architecture=architecture, hidden=hidden, layers=layers, window=12, horizon=3)
-    networks = []
-    for seed in range(k):
-        torch.manual_seed(seed)
-        networks.append(build_model(spec))
-    compiled, eager = stack(architecture, networks), stack(architecture, networks)
-    eager.use_compiled = False
-    return compiled, eager
-
-
-def forward_backward(model, x, target):
-    model.grads.zero_()
-    out = model(x)
-    ((out - target) ** 2).mean(dim=(1, 2)).sum().backward()
-    return out.detach(), model.grads.clone()
 
 
 @pytest.mark.parametrize("architecture", ["lstm", "gru"])
