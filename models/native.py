@@ -1,8 +1,10 @@
-"""The stacked LSTM/GRU layer as compiled CPU code (models/csrc/recurrent_cpu.cpp), built on first use.
+"""The stacked layers as compiled CPU code (models/csrc/), built on first use: LSTM/GRU layers and whole MLPs.
 
 Eager PyTorch runs a stacked recurrent step as ~10 small elementwise kernels forward and ~20 backward,
 each a pass over memory; the compiled layer runs each step as one batched product and one vectorized
-pass, and its backward is written out. `torch.utils.cpp_extension` builds it with the machine's C++
+pass, and its backward is written out (recurrent_cpu.cpp). A stacked MLP runs one network at a time with
+its activations in the L1 cache, the bias, ReLU and their gradients applied inside its own small
+products (mlp_cpu.cpp). `torch.utils.cpp_extension` builds them with the machine's C++
 compiler into PyTorch's extension cache (~30 s once; later processes load it in well under a second).
 It is built for the CPU it runs on (`-march=native`), so the build's name carries a digest of the
 CPU's feature flags: machines of a cluster that share a home directory never load each other's build.
@@ -27,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "recurrent_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "recurrent_cpu.cpp", "mlp_cpu.cpp")]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512"]
 ENV_SWITCH = "MANYNETS_NATIVE"
 STALE_LOCK_SECONDS = 600
@@ -71,7 +73,7 @@ def load():
 
 def _build():
     if platform.machine().lower() not in {"x86_64", "amd64"}:
-        logger.info("compiled recurrent layer skipped on %s: the eager layer runs", platform.machine())
+        logger.info("compiled stacked layers skipped on %s: the eager layers run", platform.machine())
         return None
     # PyTorch runs `ninja` by name: the one pip installs with this project sits beside the interpreter,
     # which is on PATH only in an activated virtual environment.
@@ -81,10 +83,10 @@ def _build():
 
         name = f"manynets_recurrent_{cpu_tag()}"
         _clear_stale_lock(name)
-        logger.info("loading the compiled recurrent layer (built on this machine's first use, ~30 s)")
-        return load_extension(name, [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+        logger.info("loading the compiled stacked layers (built on this machine's first use, ~30 s)")
+        return load_extension(name, [str(source) for source in SOURCES], extra_cflags=FLAGS, verbose=False)
     except Exception as error:  # a missing compiler or headers: training goes on eagerly
-        logger.warning("could not build the compiled recurrent layer (%s); the stacked LSTM/GRU run eagerly. "
+        logger.warning("could not build the compiled stacked layers (%s); the stacked MLP/LSTM/GRU run eagerly. "
                        "Install a C++ compiler (g++) to get it, or set %s=0 to skip trying.",
                        str(error).splitlines()[0] if str(error) else type(error).__name__, ENV_SWITCH)
         return None
@@ -150,3 +152,37 @@ class GRULayer(torch.autograd.Function):
     def backward(ctx, grad_hs):
         saved, hs, weight_hh = ctx.saved_tensors
         return tuple(load().gru_backward(grad_hs, saved, hs, weight_hh))
+
+
+class MLPStack(torch.autograd.Function):
+    """Outputs (K, B, horizon) of K whole MLPs on inputs x (K, B, window) that need no gradient.
+
+    `params` are the stacked layers' weights (K, fan_in, fan_out) and biases (K, 1, fan_out), in
+    order. The hidden layers' ReLU outputs are kept for the backward (as eager autograd keeps them).
+    The engine's training step does not come here: `mlp_mse_step` (StackedMLP.mse_step) runs forward,
+    loss and backward in one call.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        output, *hidden = load().mlp_forward(x, list(params), True)
+        ctx.save_for_backward(x, *hidden, *params)
+        ctx.hidden = len(hidden)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, *rest = ctx.saved_tensors
+        hidden, params = rest[: ctx.hidden], rest[ctx.hidden :]
+        return (None, *load().mlp_backward(grad_output, x, hidden, list(params)))
+
+
+def mlp(x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """K stacked MLPs on x (K, B, window) through the compiled kernels; `params` as MLPStack's.
+
+    Under grad mode through MLPStack (x must not need a gradient); outside it forward only, keeping nothing."""
+    if not torch.is_grad_enabled():
+        return load().mlp_forward(x, params, False)[0]
+    if x.requires_grad:
+        raise ValueError("the compiled MLP does not compute its input's gradient; run the eager layers")
+    return MLPStack.apply(x, *params)

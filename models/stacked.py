@@ -9,7 +9,7 @@ Every layer is a batched matrix product over the K networks, written by hand: on
 all, and over a Transformer encoder it ran 5.6x slower than a plain loop over 64 networks
 (`python -m benchmarks.stacking`, benchmarks/results/stacking_probe.json). Matrices are stored
 transposed, (K, fan_in, fan_out), and biases as (K, 1, n), so each layer is one `baddbmm`. On a CPU
-the LSTM/GRU layers' time loop runs compiled where it can be built (models/native.py), on a GPU the
+the LSTM/GRU layers' time loop and the whole MLP run compiled where they can be built (models/native.py), on a GPU the
 LSTM's runs as Triton kernels (models/gpu_recurrent.py), and as the eager steps below elsewhere: the
 same computation.
 """
@@ -47,6 +47,9 @@ class StackedNetworks(nn.Module):
     `bind(upto)`. Running a prefix lets a caller skip networks that have no batch left, without
     copying weights.
     """
+
+    # False runs the eager layers even where compiled ones could run (tests and benchmarks compare the two).
+    use_compiled = True
 
     def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None,
                  device: torch.device | str | None = None):  # fmt: skip
@@ -107,6 +110,15 @@ class StackedNetworks(nn.Module):
             bound[key] = tensor
         return bound
 
+    def mse_step(self, x: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None, full: bool,
+                 upto: int | None = None) -> torch.Tensor | None:  # fmt: skip
+        """One compiled training step of networks 0..upto-1, where this stack has one; None where not.
+
+        Returns each network's mean squared error over its `real` rows ((K, batch) bool; every row
+        where `full`), (K,), and adds its gradients into `grads`. On None the caller runs forward,
+        loss and backward through autograd instead."""
+        return None
+
     def to_single(self, matrix: torch.Tensor, index: int, k: int) -> torch.Tensor:
         """Network k's parameter number `index` (its own storage, single layout) from a (K, P) matrix."""
         piece = self.view(matrix, index)[k]
@@ -149,8 +161,23 @@ class StackedNetworks(nn.Module):
 class StackedMLP(StackedNetworks):
     """K MLPForecasters: input (K, batch, window) -> output (K, batch, horizon)."""
 
+    def mse_step(self, x, target, real, full, upto=None):
+        if not (self.use_compiled and native.usable(x) and torch.is_grad_enabled()):
+            return None
+        with torch.no_grad():
+            real = real if real is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+            return native.load().mlp_mse_step(x, target, real, full, self._layer_views(self.weights, upto),
+                                              self._layer_views(self.grads, upto))  # fmt: skip
+
+    def _layer_views(self, matrix: torch.Tensor, upto: int | None) -> list[torch.Tensor]:
+        """Every parameter of networks 0..upto-1 from a (K, P) matrix in order: weight, bias per layer."""
+        return [self.view(matrix, index, upto) for index in range(len(self.keys))]
+
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         w = self.bind(upto)
+        if self.use_compiled and native.usable(x) and not x.requires_grad:
+            # Its parameters are weight, bias per layer in order: the single forecaster's named_parameters.
+            return native.mlp(x, [w[key] for key in self.keys])
         prefixes = [key[: -len(".weight")] for key in self.keys if key.endswith(".weight")]
         for i, prefix in enumerate(prefixes):
             x = self.linear(x, w, prefix)
@@ -167,8 +194,6 @@ class _StackedRecurrent(StackedNetworks):
     module = ""  # the single forecaster's attribute holding its nn.LSTM / nn.GRU
     compiled_layer: type[torch.autograd.Function]  # models.native's layer, used where it is usable
     gpu_layer: type[torch.autograd.Function] | None = None  # models.gpu_recurrent's, on CUDA where it is usable
-    # False runs the eager steps even where a compiled layer could run (tests compare the two).
-    use_compiled = True
     # The eager steps get projections that already hold the recurrent bias (run_layer's bias_hh is None).
     bias_hh_in_projection = False
 

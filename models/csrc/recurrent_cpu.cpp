@@ -285,7 +285,7 @@ std::vector<at::Tensor> activations(at::Tensor x) {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+void bind_recurrent(pybind11::module& m) {
   m.def("activations", &activations);
   m.def("lstm_forward", &lstm_forward);
   m.def("lstm_backward", &lstm_backward);
