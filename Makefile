@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	@# The compiled stacked layers (models/native.py), built once per machine here rather than in the first
+	@# run's warm-up; without a C++ compiler this warns and the eager layers run.
+	$(PY) -c "from models import native; native.load()"
 	touch $(STAMP)
 
 run: install

@@ -5,7 +5,7 @@ each a pass over memory; the compiled layer runs each step as one batched produc
 pass, and its backward is written out (recurrent_cpu.cpp). A stacked MLP runs one network at a time with
 its activations in the L1 cache, the bias, ReLU and their gradients applied inside its own small
 products (mlp_cpu.cpp). `torch.utils.cpp_extension` builds them with the machine's C++
-compiler into PyTorch's extension cache (~30 s once; later processes load it in well under a second).
+compiler into PyTorch's extension cache (~55 s once on 2 cores; later processes load it in well under a second).
 It is built for the CPU it runs on (`-march=native`), so the build's name carries a digest of the
 CPU's feature flags: machines of a cluster that share a home directory never load each other's build.
 
@@ -81,9 +81,9 @@ def _build():
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        name = f"manynets_recurrent_{cpu_tag()}"
+        name = f"manynets_stacked_{cpu_tag()}"
         _clear_stale_lock(name)
-        logger.info("loading the compiled stacked layers (built on this machine's first use, ~30 s)")
+        logger.info("loading the compiled stacked layers (built on this machine's first use, ~1 min)")
         return load_extension(name, [str(source) for source in SOURCES], extra_cflags=FLAGS, verbose=False)
     except Exception as error:  # a missing compiler or headers: training goes on eagerly
         logger.warning("could not build the compiled stacked layers (%s); the stacked MLP/LSTM/GRU run eagerly. "
@@ -95,7 +95,7 @@ def _build():
 def _clear_stale_lock(name: str) -> None:
     """Remove a build lock left by a process killed while building (PyTorch would wait on it forever).
 
-    A build takes ~30 s; a lock older than STALE_LOCK_SECONDS cannot belong to a live build.
+    A build takes about a minute; a lock older than STALE_LOCK_SECONDS cannot belong to a live build.
     """
     try:
         from torch.utils.cpp_extension import _get_build_directory

@@ -250,8 +250,8 @@ def warm_up(device: str = "cpu", architectures: tuple[str, ...] = ARCHITECTURES)
     would be charged to whichever network happens to come first. Only `architectures` are warmed:
     all four take ~1 s, which a run of MLPs alone need not wait for.
     """
-    if device == "cpu" and {"lstm", "gru"} & set(architectures):
-        native.load()  # built once per machine (~30 s), then loaded: never inside a timed task
+    if device == "cpu" and {"mlp", "lstm", "gru"} & set(architectures):
+        native.load()  # built once per machine (~40 s), then loaded: never inside a timed task
     if "lstm" in architectures:
         gpu_recurrent.warm_up(device)  # its Triton kernels, compiled (or read from Triton's cache) on a GPU
     generator = torch.Generator().manual_seed(0)
