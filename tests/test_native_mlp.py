@@ -108,3 +108,19 @@ def test_bad_shapes_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="target"):
         native.load().mlp_mse_step(torch.zeros(2, 4, 12), torch.zeros(2, 4, 2), torch.zeros(0), True, params,
                                    [compiled.view(compiled.grads, i) for i in range(len(compiled.keys))])  # fmt: skip
+
+
+def test_the_step_is_the_same_on_every_thread_count():
+    """Networks are split across ATen's threads and never share a buffer: 2 threads give 1 thread's bits."""
+    compiled, _ = stacked_pair("mlp", 7, 32, 2)
+    x, target = _data(7, 33)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            compiled.grads.zero_()
+            results.append((compiled.mse_step(x, target, None, True), compiled.grads.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
