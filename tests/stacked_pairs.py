@@ -1,5 +1,5 @@
-"""Helpers for the compiled recurrent layers' tests (test_native, test_gpu_recurrent): the same networks
-stacked twice, one running a compiled layer and one the eager steps, and one training step of each."""
+"""Helpers for the compiled layers' tests (test_native, test_native_mlp, test_gpu_recurrent): the same networks
+stacked twice, one running its compiled code and one the eager layers, and one training step of each."""
 
 import torch
 
@@ -25,3 +25,20 @@ def forward_backward(model, x, target):
     out = model(x)
     ((out - target) ** 2).mean(dim=(1, 2)).sum().backward()
     return out.detach().cpu(), model.grads.detach().cpu()
+
+
+def assert_nan_network_kept_apart(compiled, eager, k: int = 3, device: str = "cpu"):
+    """A NaN in network 1's input turns only its outputs and gradients NaN, in both stacks alike.
+
+    Returns the step's (x, target), on `device`."""
+    x, target = torch.randn(k, 16, 12), torch.randn(k, 16, 3)
+    x[1, 4, 7] = float("nan")
+    x, target = x.to(device), target.to(device)
+    out_c, grads_c = forward_backward(compiled, x, target)
+    out_e, grads_e = forward_backward(eager, x, target)
+    others = [n for n in range(k) if n != 1]
+    assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).all()
+    assert not torch.isnan(out_c[others]).any() and not torch.isnan(grads_c[others]).any()
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
+    return x, target

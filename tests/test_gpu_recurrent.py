@@ -12,7 +12,7 @@ import torch
 
 from models import gpu_recurrent, native
 from models.stacked import StackedLSTM
-from tests.stacked_pairs import forward_backward, stacked_pair
+from tests.stacked_pairs import assert_nan_network_kept_apart, forward_backward, stacked_pair
 
 DEVICE = os.environ.get("MANYNETS_TEST_DEVICE", "cpu")
 pytestmark = [
@@ -50,16 +50,7 @@ def test_gpu_layer_matches_eager(k, hidden, layers, batch):
 
 def test_gpu_layer_keeps_a_nan_network_apart():
     """A NaN in one network's input stays in that network's outputs and gradients, as it does eagerly."""
-    layered, eager = lstm_pair(3, 8, 2)
-    x, target = torch.randn(3, 16, 12), torch.randn(3, 16, 3)
-    x[1, 4, 7] = float("nan")
-    x, target = x.to(DEVICE), target.to(DEVICE)
-    out_g, grads_g = forward_backward(layered, x, target)
-    out_e, grads_e = forward_backward(eager, x, target)
-    assert torch.isnan(out_g[1, 4]).all() and torch.isnan(grads_g[1]).all()
-    assert not torch.isnan(out_g[[0, 2]]).any() and not torch.isnan(grads_g[[0, 2]]).any()
-    torch.testing.assert_close(out_g, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(grads_g, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert_nan_network_kept_apart(*lstm_pair(3, 8, 2), device=DEVICE)
 
 
 def test_a_prefix_of_the_stack_runs_alone():

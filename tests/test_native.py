@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import native
-from tests.stacked_pairs import forward_backward, stacked_pair
+from tests.stacked_pairs import assert_nan_network_kept_apart, forward_backward, stacked_pair
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="the compiled recurrent layer is switched off or could not be built here"
@@ -26,15 +26,7 @@ def test_compiled_layer_matches_eager(architecture, k, hidden, layers):
 @pytest.mark.parametrize("architecture", ["lstm", "gru"])
 def test_compiled_layer_keeps_a_nan_network_apart(architecture):
     """A NaN in one network's input stays in that network's outputs and gradients, as it does eagerly."""
-    compiled, eager = stacked_pair(architecture, 3, 8, 2)
-    x, target = torch.randn(3, 16, 12), torch.randn(3, 16, 3)
-    x[1, 4, 7] = float("nan")
-    out_c, grads_c = forward_backward(compiled, x, target)
-    out_e, grads_e = forward_backward(eager, x, target)
-    assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).all()
-    assert not torch.isnan(out_c[[0, 2]]).any() and not torch.isnan(grads_c[[0, 2]]).any()
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert_nan_network_kept_apart(*stacked_pair(architecture, 3, 8, 2))
 
 
 def test_activations_are_accurate_to_float_precision():

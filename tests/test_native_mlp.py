@@ -5,7 +5,7 @@ import torch
 
 from models import native
 from tasks.fused import _masked_mse
-from tests.stacked_pairs import forward_backward, stacked_pair
+from tests.stacked_pairs import assert_nan_network_kept_apart, forward_backward, stacked_pair
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="the compiled stacked layers are switched off or could not be built here"
@@ -61,14 +61,7 @@ def test_mse_step_is_left_to_autograd_where_the_stack_runs_eagerly():
 
 def test_a_nan_network_stays_apart():
     compiled, eager = stacked_pair("mlp", 3, 16, 2)
-    x, target = _data(3, 16)
-    x[1, 4, 7] = float("nan")
-    out_c, grads_c = forward_backward(compiled, x, target)
-    out_e, grads_e = forward_backward(eager, x, target)
-    assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).any()
-    assert not torch.isnan(out_c[[0, 2]]).any() and not torch.isnan(grads_c[[0, 2]]).any()
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
+    x, target = assert_nan_network_kept_apart(compiled, eager)
     compiled.grads.zero_()
     losses = compiled.mse_step(x, target, None, True)
     assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
