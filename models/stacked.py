@@ -9,9 +9,9 @@ Every layer is a batched matrix product over the K networks, written by hand: on
 all, and over a Transformer encoder it ran 5.6x slower than a plain loop over 64 networks
 (`python -m benchmarks.stacking`, benchmarks/results/stacking_probe.json). Matrices are stored
 transposed, (K, fan_in, fan_out), and biases as (K, 1, n), so each layer is one `baddbmm`. On a CPU
-the LSTM/GRU layers' time loop and the whole MLP run compiled where they can be built (models/native.py), on a GPU the
-LSTM's runs as Triton kernels (models/gpu_recurrent.py), and as the eager steps below elsewhere: the
-same computation.
+the LSTM/GRU layers' time loop and the whole MLP run compiled where they can be built
+(models/native.py), on a GPU the LSTM's runs as Triton kernels (models/gpu_recurrent.py), and as the
+eager steps below elsewhere: the same computation.
 """
 
 from __future__ import annotations
