@@ -54,8 +54,8 @@ def fused_width(architecture: str, device: str) -> int | None:
     LSTMs, whose projections are a third larger than the GRU's, are cheapest in groups of 8: 64 LSTMs,
     one epoch, 13.4 / 13.6 s in groups of 8 against 15.9 / 16.7 s of 16 and 16.1 / 15.0 s of 4
     (`python -m benchmarks.fused_width --architecture lstm --networks 64 --epochs 1 --widths 16 8 4 16 8 4`);
-    GRUs of 16 and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s; 32: 10.3 / 10.7 s); Transformers of 8 beat 16 (64 networks: 22.6 / 23.4 s against 25.1 / 25.1 s;
-    4: 21.0 / 25.3 s). Those LSTM/GRU widths were for the eager stacked layer; the
+    GRUs of 16 and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s; 32: 10.3 / 10.7 s); Transformers of 8 beat 16
+    (64 networks: 22.6 / 23.4 s against 25.1 / 25.1 s; 4: 21.0 / 25.3 s). Those LSTM/GRU widths were for the eager stacked layer; the
     compiled one (models/native.py) is best in groups of 2-8: one training step of two-layer LSTMs,
     per network, took 3.9 / 3.7 / 3.8 / 4.2 ms at 2 / 4 / 8 / 16 networks (`nn.LSTM` one by one:
     5.2-5.3 ms), of GRUs 3.4 / 3.3 / 3.5 / 5.9 ms (`nn.GRU`: 9.7-10.0 ms; `python -m
