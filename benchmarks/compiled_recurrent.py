@@ -1,21 +1,26 @@
 """The compiled stacked layers against the eager stacked ones and against a plain loop, per group width.
 
-One training step (forward, MSE loss, backward) of K two-layer forecasters (32 wide, window 32, batch
+One training step (forward, MSE loss, backward) of K two-layer forecasters (32 wide or --hidden, window 32, batch
 128; horizon 1 for LSTM/GRU, the default 8 for the MLP), one thread, best of R: stacked with the
 compiled code (models/native.py: the LSTM/GRU layer, or for the MLP the engine's fused step
 `StackedMLP.mse_step`), stacked eagerly (models/stacked.py, autograd), and K single forecasters one
 after another (what a plain loop pays; for LSTM/GRU oneDNN's fused RNN kernels on this CPU). The width
-where the compiled column per network is lowest is what tasks.fused.fused_width should hold. Prints
+where the compiled column per network is lowest is what tasks.fused.fused_width should hold; the --hidden
+where eager overtakes compiled is what native.MLP_MAX_WIDTH should hold (the compiled column runs compiled
+past it, for that). Prints
 a table and writes benchmarks/results/compiled_recurrent.json (or --output).
-Run: `python -m benchmarks.compiled_recurrent [--architectures lstm gru mlp] [--widths 1 2 4 8 16] [--repeats 5]`.
+Run: `python -m benchmarks.compiled_recurrent [--architectures lstm gru mlp] [--widths 1 2 4 8 16] [--hidden 32]
+[--repeats 5]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from rich.console import Console
@@ -29,8 +34,8 @@ from tasks.allocator import keep_freed_memory
 RESULTS = Path(__file__).with_name("results")
 
 
-def measure(architecture: str, width: int, repeats: int) -> dict:
-    spec = ModelSpec(architecture=architecture, hidden=32, layers=2, window=32,
+def measure(architecture: str, width: int, repeats: int, hidden: int = 32) -> dict:
+    spec = ModelSpec(architecture=architecture, hidden=hidden, layers=2, window=32,
                      horizon=ModelSpec().horizon if architecture == "mlp" else 1)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     networks = [build_model(spec, generator) for _ in range(width)]
@@ -50,7 +55,9 @@ def measure(architecture: str, width: int, repeats: int) -> dict:
 
     seconds = {"compiled": best_of(lambda: stacked_step(compiled), repeats),
                "eager": best_of(lambda: stacked_step(eager), repeats), "loop": best_of(loop_step, repeats)}  # fmt: skip
-    return {"architecture": architecture, "width": width, **{f"{k}_ms": v * 1e3 for k, v in seconds.items()},
+    return {"architecture": architecture, "width": width, "hidden": hidden,
+            **{f"{k}_ms": v * 1e3 for k, v in seconds.items()},
+            "eager_over_compiled": seconds["eager"] / seconds["compiled"],
             "loop_over_compiled": seconds["loop"] / seconds["compiled"]}  # fmt: skip
 
 
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architectures", nargs="+", default=["lstm", "gru"])
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[32], help="layer widths, each timed")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default="compiled_recurrent.json", help="file name under benchmarks/results")
     args = parser.parse_args(argv)
@@ -65,13 +73,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the compiled stacked layers could not be built here (see the warning above)")
     torch.set_num_threads(1)
     keep_freed_memory()  # as on the engine's workers
-    rows = [measure(a, w, args.repeats) for a in args.architectures for w in args.widths]
+    # The compiled column runs compiled at every width, past the MLP's cap too: this is what sets the cap.
+    with mock.patch.object(native, "MLP_MAX_WIDTH", sys.maxsize):
+        rows = [measure(a, w, args.repeats, h) for a in args.architectures for h in args.hidden for w in args.widths]
     table = Table(title=f"one training step of K two-layer networks, 1 thread, best of {args.repeats}")
-    for column in ("arch", "K", "compiled ms", "eager ms", "loop ms", "compiled / network", "loop / compiled"):
+    columns = ("arch", "hidden", "K", "compiled ms", "eager ms", "loop ms", "compiled / network", "eager / compiled",
+               "loop / compiled")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r["architecture"], str(r["width"]), f"{r['compiled_ms']:.1f}", f"{r['eager_ms']:.1f}",
-                      f"{r['loop_ms']:.1f}", f"{r['compiled_ms'] / r['width']:.3f}", f"{r['loop_over_compiled']:.2f}x")
+        table.add_row(r["architecture"], str(r["hidden"]), str(r["width"]), f"{r['compiled_ms']:.1f}",
+                      f"{r['eager_ms']:.1f}", f"{r['loop_ms']:.1f}", f"{r['compiled_ms'] / r['width']:.3f}",
+                      f"{r['eager_over_compiled']:.2f}x", f"{r['loop_over_compiled']:.2f}x")  # fmt: skip
     Console().print(table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / args.output

@@ -33,6 +33,11 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "r
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512"]
 ENV_SWITCH = "MANYNETS_NATIVE"
 STALE_LOCK_SECONDS = 600
+# The widest layer the compiled MLP runs: its products keep a network's weights in L1/L2, and past this
+# eager PyTorch's batched products win (one step of 32 two-layer MLPs: 1.24x faster at 192 wide, 0.96x at 256,
+# 0.93x at 384; `python -m benchmarks.compiled_recurrent --architectures mlp --widths 32 --hidden 32 64 128 192
+# 256 384 --repeats 7 --output compiled_mlp_widths.json`).
+MLP_MAX_WIDTH = 192
 
 _lock = threading.Lock()
 _module = None

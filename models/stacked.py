@@ -161,8 +161,14 @@ class StackedNetworks(nn.Module):
 class StackedMLP(StackedNetworks):
     """K MLPForecasters: input (K, batch, window) -> output (K, batch, horizon)."""
 
+    def compiled(self, x: torch.Tensor) -> bool:
+        """Whether this stack runs its compiled code on x: switched on, usable there (native.usable) and no
+        layer wider than native.MLP_MAX_WIDTH (wider, the eager products are faster)."""
+        widest = max(shape[0] for key, shape in zip(self.keys, self.single_shapes) if key.endswith(".weight"))
+        return self.use_compiled and widest <= native.MLP_MAX_WIDTH and native.usable(x)
+
     def mse_step(self, x, target, real, full, upto=None):
-        if not (self.use_compiled and native.usable(x) and torch.is_grad_enabled()):
+        if not (self.compiled(x) and torch.is_grad_enabled()):
             return None
         with torch.no_grad():
             real = real if real is not None else torch.ones(x.shape[:2], dtype=torch.bool)
@@ -175,7 +181,7 @@ class StackedMLP(StackedNetworks):
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         w = self.bind(upto)
-        if self.use_compiled and native.usable(x) and not x.requires_grad:
+        if self.compiled(x) and not x.requires_grad:
             # Its parameters are weight, bias per layer in order: the single forecaster's named_parameters.
             return native.mlp(x, [w[key] for key in self.keys])
         prefixes = [key[: -len(".weight")] for key in self.keys if key.endswith(".weight")]

@@ -57,6 +57,9 @@ def test_mse_step_is_left_to_autograd_where_the_stack_runs_eagerly():
     assert eager.mse_step(x, target, None, True) is None
     with torch.no_grad():
         assert compiled.mse_step(x, target, None, True) is None
+    wide, _ = stacked_pair("mlp", 2, native.MLP_MAX_WIDTH + 1, 1)  # wider, the eager products are faster
+    assert wide.mse_step(x, target, None, True) is None and not wide.compiled(x)
+    assert stacked_pair("mlp", 2, native.MLP_MAX_WIDTH, 1)[0].compiled(x)
 
 
 def test_a_nan_network_stays_apart():

@@ -6,7 +6,8 @@
 // stack runs while its activations (batch x width, 16 KB) sit in L1: the bias and ReLU are applied as the
 // product's results leave the registers, and the backward's mask and sums read what the last product
 // just wrote. The products are a small register-tiled kernel (GCC vector extensions, so -march=native
-// picks the width); their widths are padded to a multiple of 16 floats in per-thread scratch. The
+// picks the width); their widths are padded to a multiple of 16 floats in per-thread scratch. It is
+// not blocked for the cache, so it is used up to models/native.py's MLP_MAX_WIDTH. The
 // engine's training step (mlp_mse_step) also computes the loss and its gradient there and adds the
 // weights' gradients into the stack's gradient matrix, so nothing of a step is kept or revisited.
 // Layouts are those of models/stacked.py: weights (K, fan_in, fan_out), biases (K, 1, fan_out), views of
@@ -52,7 +53,7 @@ inline void tile(int64_t P, const float* A, int64_t sa_r, int64_t sa_p, const fl
 template <int NV>
 void tile_rows(int64_t R, int64_t P, const float* A, int64_t sa_r, int64_t sa_p, const float* B, int64_t ldb,
                float* C, int64_t ldc, const float* bias, bool relu) {
-  constexpr int ROWS = NV <= 2 ? 8 : 4;  // at most 16 accumulators, of the 32 vector registers
+  constexpr int ROWS = NV <= 3 ? 8 : 6;  // at most 24 accumulators, of the 32 vector registers
   int64_t r = 0;
   for (; r + ROWS <= R; r += ROWS) tile<NV, ROWS>(P, A + r * sa_r, sa_r, sa_p, B, ldb, C + r * ldc, ldc, bias, relu);
   for (; r < R; ++r) tile<NV, 1>(P, A + r * sa_r, sa_r, sa_p, B, ldb, C + r * ldc, ldc, bias, relu);
