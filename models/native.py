@@ -1,10 +1,14 @@
-"""The stacked layers as compiled CPU code (models/csrc/), built on first use: LSTM/GRU layers and whole MLPs.
+"""The stacked layers as compiled CPU code (models/csrc/), built on first use: LSTM/GRU layers, whole MLPs and
+the Transformer's first attention.
 
 Eager PyTorch runs a stacked recurrent step as ~10 small elementwise kernels forward and ~20 backward,
 each a pass over memory; the compiled layer runs each step as one batched product and one vectorized
 pass, and its backward is written out (recurrent_cpu.cpp). A stacked MLP runs one network at a time with
 its activations in the L1 cache, the bias, ReLU and their gradients applied inside its own small
-products (mlp_cpu.cpp). `torch.utils.cpp_extension` builds them with the machine's C++
+products (mlp_cpu.cpp). The Transformer's first layer attends over queries, keys and values it forms
+itself from the window's values (rank one: value * slope + constant), one window and head at a time in
+L1 (attention_cpu.cpp), and its post-norm sublayers end in one pass for residual, norm and affine
+(norm_cpu.cpp). `torch.utils.cpp_extension` builds them with the machine's C++
 compiler into PyTorch's extension cache (~55 s once on 2 cores; later processes load it in well under a second).
 It is built for the CPU it runs on (`-march=native`), so the build's name carries a digest of the
 CPU's feature flags: machines of a cluster that share a home directory never load each other's build.
@@ -29,8 +33,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "recurrent_cpu.cpp", "mlp_cpu.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [
+    CSRC / name for name in ("bindings.cpp", "recurrent_cpu.cpp", "mlp_cpu.cpp", "attention_cpu.cpp", "norm_cpu.cpp")
+]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512"]
+# Windows longer than this attend through PyTorch's attention (the compiled one holds a window in 4 vectors).
+ATTENTION_MAX_STEPS = 64
 ENV_SWITCH = "MANYNETS_NATIVE"
 STALE_LOCK_SECONDS = 600
 # The widest layer the compiled MLP runs: its products keep a network's weights in L1/L2, and past this
@@ -89,9 +98,12 @@ def _build():
         name = f"manynets_stacked_{cpu_tag()}"
         _clear_stale_lock(name)
         logger.info("loading the compiled stacked layers (built on this machine's first use, ~1 min)")
-        return load_extension(name, [str(source) for source in SOURCES], extra_cflags=FLAGS, verbose=False)
+        # PyTorch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
+        headers = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.h")))).hexdigest()[:10]
+        return load_extension(name, [str(source) for source in SOURCES],
+                              extra_cflags=FLAGS + [f"-DMANYNETS_HEADERS={headers}"], verbose=False)  # fmt: skip
     except Exception as error:  # a missing compiler or headers: training goes on eagerly
-        logger.warning("could not build the compiled stacked layers (%s); the stacked MLP/LSTM/GRU run eagerly. "
+        logger.warning("could not build the compiled stacked layers (%s); the stacked networks run eagerly. "
                        "Install a C++ compiler (g++) to get it, or set %s=0 to skip trying.",
                        str(error).splitlines()[0] if str(error) else type(error).__name__, ENV_SWITCH)
         return None
@@ -180,6 +192,53 @@ class MLPStack(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         hidden, params = rest[: ctx.hidden], rest[ctx.hidden :]
         return (None, *load().mlp_backward(grad_output, x, hidden, list(params)))
+
+
+class RankOneAttention(torch.autograd.Function):
+    """The attention (K, B, T, width) of K stacked encoder layers whose q, k and v are x * slope + const.
+
+    x (K, B, T): the windows' values, which need no gradient; slopes (K, 3 * width) and consts
+    (K, T, 3 * width): q, k and v side by side, as a fused in-projection lays them out. Windows of
+    at most ATTENTION_MAX_STEPS steps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slopes, consts, heads):
+        out, lse = load().rank_one_attention_forward(x, slopes, consts, heads)
+        ctx.save_for_backward(x, slopes, consts, out, lse)
+        ctx.heads = heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, slopes, consts, out, lse = ctx.saved_tensors
+        dslopes, dconsts = load().rank_one_attention_backward(grad_out, x, slopes, consts, ctx.heads, out, lse)
+        return None, dslopes, dconsts, None
+
+
+def rank_one_attention(x: torch.Tensor, slopes: torch.Tensor, consts: torch.Tensor, heads: int) -> torch.Tensor:
+    """RankOneAttention on contiguous inputs; x must not need a gradient (its gradient is not computed)."""
+    if x.requires_grad:
+        raise ValueError("the compiled attention does not compute the values' gradient; run the eager layers")
+    return RankOneAttention.apply(x.contiguous(), slopes.contiguous(), consts.contiguous(), heads)
+
+
+class ResidualNorm(torch.autograd.Function):
+    """layer_norm(a + b) * weight + bias over the last dimension, per network.
+
+    a, b (K, R, W); weight and bias (K, 1, W), each network's own (F.layer_norm takes one for all)."""
+
+    @staticmethod
+    def forward(ctx, a, b, weight, bias, eps):
+        out, normed, rstd = load().residual_norm_forward(a, b, weight, bias, eps)
+        ctx.save_for_backward(normed, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_in, grad_weight, grad_bias = load().residual_norm_backward(grad_out, normed, rstd, weight)
+        return grad_in, grad_in, grad_weight, grad_bias, None
 
 
 def mlp(x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:

@@ -299,7 +299,17 @@ class StackedGRU(_StackedRecurrent):
 
 
 class StackedTransformer(StackedNetworks):
-    """K TransformerForecasters (post-norm encoder layers, ReLU feed-forward, no dropout)."""
+    """K TransformerForecasters (post-norm encoder layers, ReLU feed-forward, no dropout).
+
+    Computes only what the head reads, exactly (up to float rounding): the head reads the last position, so
+    the last encoder layer runs for the last query alone and never projects keys or values (its scores
+    are taken against its input through the key weights, its values combined before the value weights);
+    and the first layer's input is rank one in the window's values, so its queries, keys and values are
+    values x (embedding @ weights) plus a per-position constant, no per-token product. On the CPU the first
+    layer's attention takes those slopes and constants whole and forms only what it needs (models/native.py:
+    rank_one_attention), and each residual + norm + affine is one compiled pass (ResidualNorm); elsewhere,
+    or with `use_compiled` off, the same computation runs eagerly.
+    """
 
     def __init__(self, networks: list[nn.Module | dict[str, torch.Tensor]], template: nn.Module | None = None,
                  device: torch.device | str | None = None):  # fmt: skip
@@ -307,35 +317,83 @@ class StackedTransformer(StackedNetworks):
         first = template if template is not None else networks[0]
         self.heads = first.encoder.layers[0].self_attn.num_heads
         self.eps = first.encoder.layers[0].norm1.eps
+        self.layers = len(first.encoder.layers)
 
-    def _norm(self, x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
-        normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+    def _residual_norm(self, a: torch.Tensor, b: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
+        """The stacked LayerNorm `prefix` of a + b (K, rows, width), compiled where it can run so."""
+        if self.use_compiled and native.usable(a):
+            return native.ResidualNorm.apply(a, b, w[f"{prefix}.weight"], w[f"{prefix}.bias"], self.eps)
+        normed = F.layer_norm(a + b, a.shape[-1:], eps=self.eps)
         return torch.addcmul(w[f"{prefix}.bias"], normed, w[f"{prefix}.weight"])
 
-    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        k, batch, steps = x.shape
-        w = self.bind(upto)
-        tokens = self.linear(x.reshape(k, batch * steps, 1), w, "embed").view(k, batch, steps, -1)
-        z = (tokens + w["position"].unsqueeze(1)).reshape(k, batch * steps, -1)
-        width = z.shape[-1]
+    def _rest_of_layer(self, resid: torch.Tensor, attended: torch.Tensor, w: dict, at: str) -> torch.Tensor:
+        """Output projection, residual, norm, feed-forward, residual, norm: rows (K, n, width) in and out."""
+        z = self._residual_norm(resid, self.linear(attended, w, f"{at}.self_attn.out_proj"), w, f"{at}.norm1")
+        inner = torch.relu(self.linear(z, w, f"{at}.linear1"))
+        return self._residual_norm(z, self.linear(inner, w, f"{at}.linear2"), w, f"{at}.norm2")
+
+    def compiled(self, x: torch.Tensor) -> bool:
+        """Whether the first layer's attention runs compiled (models/native.py) for windows x (K, B, T)."""
+        return (self.use_compiled and not x.requires_grad and x.shape[-1] <= native.ATTENTION_MAX_STEPS
+                and native.usable(x))  # fmt: skip
+
+    def _every_position(self, z: torch.Tensor, w: dict, at: str, first: tuple | None) -> torch.Tensor:
+        """An encoder layer on all positions: z (K, batch, time, width) in and out.
+
+        `first` is (windows x (K, batch, time), embedding weight (K, 1, width), embedding bias plus
+        position (K, time, width)) for the first layer, whose queries, keys and values are then rank one."""
+        k, batch, steps, width = z.shape
         head_dim = width // self.heads
-        layers = sum(key.endswith("self_attn.in_proj_weight") for key in self.keys)
-        for layer in range(layers):
-            at = f"encoder.layers.{layer}"
-            # q, k and v each its own product, viewed (K*batch, heads, time, head_dim) without a copy:
-            # SDPA then gives its output and gradients in that same (time-before-heads) memory layout,
-            # where one product split three ways cost two whole copies and a concatenation per layer.
-            weights = w[f"{at}.self_attn.in_proj_weight"].split(width, dim=2)
-            biases = w[f"{at}.self_attn.in_proj_bias"].split(width, dim=2)
-            q, key, value = (torch.baddbmm(b, z, m).view(k * batch, steps, self.heads, head_dim).transpose(1, 2)
-                             for m, b in zip(weights, biases))  # fmt: skip
-            attended = F.scaled_dot_product_attention(q, key, value)
-            attended = attended.transpose(1, 2).reshape(k, batch * steps, width)
-            z = self._norm(z + self.linear(attended, w, f"{at}.self_attn.out_proj"), w, f"{at}.norm1")
-            inner = torch.relu(self.linear(z, w, f"{at}.linear1"))
-            z = self._norm(z + self.linear(inner, w, f"{at}.linear2"), w, f"{at}.norm2")
-        last = z.view(k, batch, steps, width)[:, :, -1, :]
-        return self.linear(last, w, "head")
+        weight, bias = w[f"{at}.self_attn.in_proj_weight"], w[f"{at}.self_attn.in_proj_bias"]
+        if first is not None and self.compiled(first[0]):
+            x, slope, base = first
+            slopes, consts = torch.bmm(slope, weight).squeeze(1), torch.baddbmm(bias, base, weight)
+            attended = native.rank_one_attention(x, slopes, consts, self.heads).view(k, batch * steps, width)
+        else:
+            if first is not None:
+                x, slope, base = first
+                projected = [torch.addcmul(torch.baddbmm(b, base, m).unsqueeze(1), x.unsqueeze(-1),
+                                           torch.bmm(slope, m).unsqueeze(1))
+                             for m, b in zip(weight.split(width, dim=2), bias.split(width, dim=2))]  # fmt: skip
+            else:
+                rows = z.view(k, batch * steps, width)
+                projected = [torch.baddbmm(b, rows, m) for m, b in zip(weight.split(width, dim=2),
+                                                                       bias.split(width, dim=2))]  # fmt: skip
+            # q, k and v each viewed (K*batch, heads, time, head_dim) without a copy: SDPA then gives its
+            # output and gradients in that same (time-before-heads) memory layout, where one product split
+            # three ways cost two whole copies and a concatenation per layer.
+            q, key, value = (p.view(k * batch, steps, self.heads, head_dim).transpose(1, 2) for p in projected)
+            attended = F.scaled_dot_product_attention(q, key, value).transpose(1, 2).reshape(k, batch * steps, width)
+        return self._rest_of_layer(z.view(k, batch * steps, width), attended, w, at).view(k, batch, steps, width)
+
+    def _last_position(self, z: torch.Tensor, w: dict, at: str) -> torch.Tensor:
+        """An encoder layer's output at the last position only: z (K, batch, time, width) in, (K, batch, width) out.
+
+        Per head h, the last query's scores are (q_h W_k,h^T) . z_j: the key bias shifts every score alike,
+        which softmax ignores, so the keys are never formed; its output is (sum_j p_j z_j) W_v,h + b_v,h."""
+        k, batch, steps, width = z.shape
+        heads, head_dim = self.heads, width // self.heads
+        weights = w[f"{at}.self_attn.in_proj_weight"].split(width, dim=2)
+        biases = w[f"{at}.self_attn.in_proj_bias"].split(width, dim=2)
+        last = z[:, :, -1]
+        query = torch.baddbmm(biases[0], last, weights[0]) * head_dim**-0.5
+        key_weights = weights[1].reshape(k, width, heads, head_dim)
+        seen = torch.einsum("kbhe,kdhe->kbhd", query.view(k, batch, heads, head_dim), key_weights)
+        sequences = z.reshape(k * batch, steps, width)
+        scores = torch.bmm(seen.reshape(k * batch, heads, width), sequences.transpose(1, 2))
+        mixed = torch.bmm(torch.softmax(scores, dim=-1), sequences).view(k, batch, heads, width)
+        value_weights = weights[2].reshape(k, width, heads, head_dim)
+        attended = torch.einsum("kbhd,kdhe->kbhe", mixed, value_weights).reshape(k, batch, width) + biases[2]
+        return self._rest_of_layer(last, attended, w, at)
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        w = self.bind(upto)
+        # A token is value * embed.weight + embed.bias + position: rank one in the window's values.
+        slope, base = w["embed.weight"], w["embed.bias"] + w["position"]
+        z = torch.addcmul(base.unsqueeze(1), x.unsqueeze(-1), slope.unsqueeze(1))
+        for layer in range(self.layers - 1):
+            z = self._every_position(z, w, f"encoder.layers.{layer}", (x, slope, base) if layer == 0 else None)
+        return self.linear(self._last_position(z, w, f"encoder.layers.{self.layers - 1}"), w, "head")
 
 
 STACKED: dict[str, type[StackedNetworks]] = {

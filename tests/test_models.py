@@ -89,6 +89,26 @@ def test_stacked_networks_compute_each_network_exactly_as_alone(architecture):
                    for key, v in weights.items())  # fmt: skip
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_stacked_transformer_computes_only_the_last_position_and_still_matches_at_any_depth(layers):
+    # One layer: the first layer is also the last (rank-one input, last query only); three: a middle layer too.
+    spec = ModelSpec(architecture="transformer", hidden=12, layers=layers, heads=3, window=7, horizon=2)
+    networks = [build_model(spec, torch.Generator().manual_seed(k)) for k in range(3)]
+    stacked = stack("transformer", networks)
+    x = torch.randn(3, 5, 7)
+    out = stacked(x)
+    out.pow(2).sum().backward()
+    last_key_bias = f"encoder.layers.{layers - 1}.self_attn.in_proj_bias"
+    for k, network in enumerate(networks):
+        torch.testing.assert_close(out[k], network(x[k]), rtol=1e-5, atol=1e-6)
+        network(x[k]).pow(2).sum().backward()
+        for index, key in enumerate(stacked.keys):
+            grad = stacked.to_single(stacked.grads, index, k)
+            torch.testing.assert_close(grad, network.get_parameter(key).grad, rtol=1e-4, atol=1e-5)
+        # The last layer's keys are never formed, so their bias gets exactly the gradient softmax gives it: 0.
+        assert not stacked.to_single(stacked.grads, stacked.keys.index(last_key_bias), k)[12:24].any()
+
+
 @pytest.mark.parametrize("rowwise", [False, True], ids=["fused-kernel-runs", "rowwise"])
 def test_stacked_adam_steps_each_network_as_torch_adam_and_leaves_masked_ones_alone(rowwise):
     spec = ModelSpec(hidden=8, layers=1, window=6, horizon=2)

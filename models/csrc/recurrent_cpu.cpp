@@ -10,29 +10,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "exp_approx.h"
+
 namespace {
 
-// exp by Cephes' range reduction and polynomial, in plain arithmetic so that the compiler vectorizes
-// the loops calling it: rounding is done by adding and taking away 1.5 * 2^23 (floorf does not
-// vectorize without -ffast-math, which would also assume NaN away). Checked every 1e-4 against double
-// precision: exp within 1 ulp over [-87, 88], tanh and sigmoid below within 1.8e-7 and 8.9e-8
-// (tests/test_native.py holds them to it through `activations`). NaN stays NaN: a comparison with
-// NaN is false, so the clamps pass it through, and a network that diverges keeps showing NaN for the
-// engine to isolate.
-inline float exp_approx(float x) {
-  x = x > 88.0f ? 88.0f : x;
-  x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * x * x + x + 1.0f;
-  return y * __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
-}
+using manynets::exp_approx;
 inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 
