@@ -1,16 +1,16 @@
 """The compiled stacked layers against the eager stacked ones and against a plain loop, per group width.
 
 One training step (forward, MSE loss, backward) of K two-layer forecasters (32 wide or --hidden, window 32, batch
-128; horizon 1 for LSTM/GRU, the default 8 for the MLP), one thread, best of R: stacked with the
-compiled code (models/native.py: the LSTM/GRU layer, or for the MLP the engine's fused step
-`StackedMLP.mse_step`), stacked eagerly (models/stacked.py, autograd), and K single forecasters one
-after another (what a plain loop pays; for LSTM/GRU oneDNN's fused RNN kernels on this CPU). The width
-where the compiled column per network is lowest is what tasks.fused.fused_width should hold; the --hidden
-where eager overtakes compiled is what native.MLP_MAX_WIDTH should hold (the compiled column runs compiled
-past it, for that). Prints
-a table and writes benchmarks/results/compiled_recurrent.json (or --output).
-Run: `python -m benchmarks.compiled_recurrent [--architectures lstm gru mlp] [--widths 1 2 4 8 16] [--hidden 32]
-[--repeats 5]`.
+128; horizon 1 for LSTM/GRU/Transformer, the default 8 for the MLP), one thread, best of R: stacked with the
+compiled code (models/native.py: the LSTM/GRU layer; for the MLP the engine's fused step
+`StackedMLP.mse_step`; for the Transformer its first attention and residual norms), stacked eagerly
+(models/stacked.py, autograd), and K single forecasters one after another (what a plain loop pays; for
+LSTM/GRU oneDNN's fused RNN kernels on this CPU). The width where the compiled column per network is lowest
+is what tasks.fused.fused_width should hold; the --hidden where eager overtakes compiled is what
+native.MLP_MAX_WIDTH should hold (the compiled column runs compiled past it, for that). Prints a table and
+writes benchmarks/results/compiled_recurrent.json (or --output).
+Run: `python -m benchmarks.compiled_recurrent [--architectures lstm gru mlp transformer] [--widths 1 2 4 8 16]
+[--hidden 32] [--repeats 5]`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ the plain loop at PyTorch's default thread count against the engine on one singl
 worker per core, one shard each, with the strategy this run measured faster on one thread.
 The engine runs with the malloc settings its Dask workers get (tasks.allocator).
 Achieved FLOP/s counts 3 x the forward multiply-adds x 2 per training sample (forward + backward)
-and is set against the peak of a float32 batched matmul measured in the same run.
+and is set against the peak of a float32 batched matmul measured in the same run. The multiply-adds
+are the model's, as the loop computes them (tasks.cost_model.macs_per_window): the stacked Transformer
+skips some (its last layer runs for the last position only), so its figure is work done per second in
+the loop's terms, not arithmetic the engine ran.
 Prints a table and writes benchmarks/results/fused_vs_loop.json (or fused_short_series.json).
 With --repeats R, each one-thread way is timed R times, interleaved, and the fastest kept.
 With --device cuda, the loop and the engine both train on the GPU (benchmarks/gpu_check.sh runs it).

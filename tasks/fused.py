@@ -43,33 +43,35 @@ def fused_width(architecture: str, device: str) -> int | None:
     """How many networks one fused computation holds at most on `device` (None: the whole shard).
 
     Measured on this 2-core CPU, one thread. Per network, wide groups stop paying once activations outgrow the
-    cache: stacked GRUs were 1.5x cheaper than a loop at 16 networks and no cheaper at 64, the Transformer's
-    best was 4-16 (`python -m benchmarks.stacking`, on earlier code). For MLPs 128 was the best width while each
-    parameter had its own optimizer tensors (1660 MLPs: 11.1 s in groups of 512, 10.2 s of 256, 9.8 s of 128,
-    10.8 s of 64); since the stack is one (K, P) matrix the width hardly matters (15.2-15.9 s for 32 to 256 on a
-    slower day, `python -m benchmarks.fused_width --widths 256 128 64 32`), and with the compiled MLP step
-    (models/native.py), which runs one network at a time, 128 and 256 tie (5.6 / 6.0 s and 5.5 / 6.1 s; 512: 6.4
-    / 6.3 s, 64: 6.7 / 6.4 s; `--architecture mlp --networks 1660 --epochs 5 --widths 128 256 512 64 128 256 512
-    64`). Stacked LSTMs, whose projections are a third larger than the GRU's, are cheapest in groups of 8: 64
-    LSTMs, one epoch, 13.4 / 13.6 s in groups of 8 against 15.9 / 16.7 s of 16 and 16.1 / 15.0 s of 4 (`python
-    -m benchmarks.fused_width --architecture lstm --networks 64 --epochs 1 --widths 16 8 4 16 8 4`); GRUs of 16
-    and 8 tied (7.8 / 9.4 s, 8.5 / 9.5 s; 32: 10.3 / 10.7 s); Transformers of 8 beat 16 (64 networks: 22.6 /
-    23.4 s against 25.1 / 25.1 s; 4: 21.0 / 25.3 s). Those LSTM/GRU widths were for the eager stacked layer; the
-    compiled one (models/native.py) is best in groups of 2-8: one training step of two-layer LSTMs, per network,
-    took 3.9 / 3.7 / 3.8 / 4.2 ms at 2 / 4 / 8 / 16 networks (`nn.LSTM` one by one: 5.2-5.3 ms), of GRUs 3.4 /
-    3.3 / 3.5 / 5.9 ms (`nn.GRU`: 9.7-10.0 ms; `python -m benchmarks.compiled_recurrent`); one fused iteration
-    of 64 GRUs, one epoch, took 3.5 / 3.5 s in groups of 2, 3.7 / 4.1 s of 4 and 5.7 / 5.9 s of 16, of 64 LSTMs
-    4.2 / 4.4 s of 2, 4.5 / 4.4 s of 4 and 5.3 / 5.1 s of 8 (`python -m benchmarks.fused_width --architecture
-    gru --networks 64 --epochs 1 --widths 4 2 4 2`); at 256 networks 2 and 4 tie (`--widths 4 2 4 2 4 2`: LSTMs
-    13.4 / 14.5 / 14.7 s of 4 against 14.0 / 14.3 / 14.4 s of 2, GRUs 11.4 / 11.0 / 11.1 s against 11.7 / 11.3 /
-    11.3 s), and 4 means half the groups. The recurrent and attention cap also keeps those fused tasks within
-    the widths calibration times (tasks/calibration.py), so the strategy choice does not rest on extrapolation.
-    A GPU is kept busy by one group of any of these shards (no cap), but for LSTMs on the Triton layer
-    (models/gpu_recurrent.py): there a group's checkpoints are encoded and written while the next group trains,
-    and one iteration of 1660 LSTMs on an H100 took 2.22 s in groups of 415 against 2.57 s in groups of 830 and
-    2.73 / 2.74 s in one (`python -m benchmarks.fused_vs_loop --device cuda --architectures lstm --fused-widths
-    830 415`; the one group from `benchmarks.fused_phases`, warm, as the widths were). 415 is the narrowest
-    width measured. A wider shard trains as consecutive groups, longest networks together.
+    cache: stacked GRUs were 1.5x cheaper than a loop at 16 networks and no cheaper at 64, the Transformer's best
+    was 4-16 (`python -m benchmarks.stacking`, on earlier code). For MLPs 128 was the best width while each
+    parameter had its own optimizer tensors (1660 MLPs: 11.1 s in groups of 512, 10.2 s of 256, 9.8 s of 128, 10.8 s
+    of 64); since the stack is one (K, P) matrix the width hardly matters (15.2-15.9 s for 32 to 256 on a slower
+    day, `python -m benchmarks.fused_width --widths 256 128 64 32`), and with the compiled MLP step
+    (models/native.py), which runs one network at a time, 128 and 256 tie (5.6 / 6.0 s and 5.5 / 6.1 s; 512: 6.4 /
+    6.3 s, 64: 6.7 / 6.4 s; `--architecture mlp --networks 1660 --epochs 5 --widths 128 256 512 64 128 256 512 64`).
+    Stacked LSTMs, whose projections are a third larger than the GRU's, are cheapest in groups of 8: 64 LSTMs, one
+    epoch, 13.4 / 13.6 s in groups of 8 against 15.9 / 16.7 s of 16 and 16.1 / 15.0 s of 4 (`python -m
+    benchmarks.fused_width --architecture lstm --networks 64 --epochs 1 --widths 16 8 4 16 8 4`); GRUs of 16 and 8
+    tied (7.8 / 9.4 s, 8.5 / 9.5 s; 32: 10.3 / 10.7 s); Transformers of 8 beat 16 (64 networks: 22.6 / 23.4 s
+    against 25.1 / 25.1 s; 4: 21.0 / 25.3 s), and still do since the stacked Transformer computes only what its head
+    reads: one training step, per network, 6.1 / 5.4 / 5.1 / 6.3 ms at 2 / 4 / 8 / 16 (`python -m
+    benchmarks.compiled_recurrent --architectures transformer --widths 2 4 8 16 --repeats 7`). Those LSTM/GRU widths
+    were for the eager stacked layer; the compiled one (models/native.py) is best in groups of 2-8: one training
+    step of two-layer LSTMs, per network, took 3.9 / 3.7 / 3.8 / 4.2 ms at 2 / 4 / 8 / 16 networks (`nn.LSTM` one by
+    one: 5.2-5.3 ms), of GRUs 3.4 / 3.3 / 3.5 / 5.9 ms (`nn.GRU`: 9.7-10.0 ms; `python -m
+    benchmarks.compiled_recurrent`); one fused iteration of 64 GRUs, one epoch, took 3.5 / 3.5 s in groups of 2, 3.7
+    / 4.1 s of 4 and 5.7 / 5.9 s of 16, of 64 LSTMs 4.2 / 4.4 s of 2, 4.5 / 4.4 s of 4 and 5.3 / 5.1 s of 8 (`python
+    -m benchmarks.fused_width --architecture gru --networks 64 --epochs 1 --widths 4 2 4 2`); at 256 networks 2 and
+    4 tie (`--widths 4 2 4 2 4 2`: LSTMs 13.4 / 14.5 / 14.7 s of 4 against 14.0 / 14.3 / 14.4 s of 2, GRUs 11.4 /
+    11.0 / 11.1 s against 11.7 / 11.3 / 11.3 s), and 4 means half the groups. The recurrent and attention cap also
+    keeps those fused tasks within the widths calibration times (tasks/calibration.py), so the strategy choice does
+    not rest on extrapolation. A GPU is kept busy by one group of any of these shards (no cap), but for LSTMs on the
+    Triton layer (models/gpu_recurrent.py): there a group's checkpoints are encoded and written while the next group
+    trains, and one iteration of 1660 LSTMs on an H100 took 2.22 s in groups of 415 against 2.57 s in groups of 830
+    and 2.73 / 2.74 s in one (`python -m benchmarks.fused_vs_loop --device cuda --architectures lstm --fused-widths
+    830 415`; the one group from `benchmarks.fused_phases`, warm, as the widths were). 415 is the narrowest width
+    measured. A wider shard trains as consecutive groups, longest networks together.
     """
     if device.startswith("cuda"):
         return 415 if architecture == "lstm" and gpu_recurrent.available() else None
