@@ -40,8 +40,8 @@ def test_rank_one_attention_matches_pytorch_attention_forward_and_backward(steps
     exact = [t.detach().double().requires_grad_() for t in (slopes, consts)]
     expected = eager_rank_one_attention(x.double(), *exact, heads)
     want = torch.autograd.grad(expected, exact, grad.double())
-    for g, w in zip([out, *got], [expected, *want]):
-        torch.testing.assert_close(g.double(), w.detach(), rtol=1e-4, atol=2e-6 * float(w.abs().max()))
+    for g, w in zip([out.detach(), *got], [expected.detach(), *want]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=2e-6 * float(w.abs().max()))
 
 
 def test_rank_one_attention_keeps_a_nan_network_apart_and_refuses_what_it_cannot_run():
