@@ -5,11 +5,11 @@ Eager PyTorch runs a stacked recurrent step as ~10 small elementwise kernels for
 each a pass over memory; the compiled layer runs each step as one batched product and one vectorized
 pass, and its backward is written out (recurrent_cpu.cpp). A stacked MLP runs one network at a time with
 its activations in the L1 cache, the bias, ReLU and their gradients applied inside its own small
-products (mlp_cpu.cpp). The Transformer's first layer attends over queries, keys and values it forms
-itself from the window's values (rank one: value * slope + constant), one window and head at a time in
-L1 (attention_cpu.cpp), and its post-norm sublayers end in one pass for residual, norm and affine
-(norm_cpu.cpp). `torch.utils.cpp_extension` builds them with the machine's C++
-compiler into PyTorch's extension cache (~55 s once on 2 cores; later processes load it in well under a second).
+products (mlp_cpu.cpp). The Transformer's first layer attends from its rank-one queries, keys and values
+(value * slope + constant) one window and head at a time in L1, its scores from terms computed once per
+network (attention_cpu.cpp), and its post-norm sublayers end in one pass for residual, norm and affine
+(norm_cpu.cpp). `torch.utils.cpp_extension` builds them with the machine's C++ compiler into PyTorch's
+extension cache (~90 s once on 2 cores; later processes load it in well under a second).
 It is built for the CPU it runs on (`-march=native`), so the build's name carries a digest of the
 CPU's feature flags: machines of a cluster that share a home directory never load each other's build.
 
@@ -97,7 +97,7 @@ def _build():
 
         name = f"manynets_stacked_{cpu_tag()}"
         _clear_stale_lock(name)
-        logger.info("loading the compiled stacked layers (built on this machine's first use, ~1 min)")
+        logger.info("loading the compiled stacked layers (built on this machine's first use, ~1.5 min)")
         # PyTorch rebuilds when a source or a flag changes, not a header: the headers' digest is a flag.
         headers = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.h")))).hexdigest()[:10]
         return load_extension(name, [str(source) for source in SOURCES],

@@ -251,7 +251,7 @@ def warm_up(device: str = "cpu", architectures: tuple[str, ...] = ARCHITECTURES)
     all four take ~1 s, which a run of MLPs alone need not wait for.
     """
     if device == "cpu" and architectures:  # every architecture has compiled CPU code
-        native.load()  # built once per machine (~1 min; `make install` does it), then loaded: never in a timed task
+        native.load()  # built once per machine (~1.5 min; `make install` does it), then loaded: never in a timed task
     if "lstm" in architectures:
         gpu_recurrent.warm_up(device)  # its Triton kernels, compiled (or read from Triton's cache) on a GPU
     generator = torch.Generator().manual_seed(0)
