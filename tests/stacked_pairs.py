@@ -1,5 +1,6 @@
-"""Helpers for the compiled layers' tests (test_native, test_native_mlp, test_gpu_recurrent): the same networks
-stacked twice, one running its compiled code and one the eager layers, and one training step of each."""
+"""Helpers for the compiled layers' tests (test_native, test_native_mlp, test_native_transformer,
+test_gpu_recurrent): the same networks stacked twice, one running its compiled code and one the eager layers,
+and one training step of each."""
 
 import torch
 
@@ -27,6 +28,17 @@ def forward_backward(model, x, target):
     return out.detach().cpu(), model.grads.detach().cpu()
 
 
+def assert_same_step(compiled, eager, x, target, equal_nan: bool = False):
+    """One MSE step of both stacks gives the same outputs and (K, P) gradients within float tolerance.
+
+    Returns the compiled stack's (outputs, gradients), on the CPU."""
+    out_c, grads_c = forward_backward(compiled, x, target)
+    out_e, grads_e = forward_backward(eager, x, target)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=equal_nan)
+    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=equal_nan)
+    return out_c, grads_c
+
+
 def assert_nan_network_kept_apart(compiled, eager, k: int = 3, device: str = "cpu"):
     """A NaN in network 1's input turns only its outputs and gradients NaN, in both stacks alike.
 
@@ -34,11 +46,8 @@ def assert_nan_network_kept_apart(compiled, eager, k: int = 3, device: str = "cp
     x, target = torch.randn(k, 16, 12), torch.randn(k, 16, 3)
     x[1, 4, 7] = float("nan")
     x, target = x.to(device), target.to(device)
-    out_c, grads_c = forward_backward(compiled, x, target)
-    out_e, grads_e = forward_backward(eager, x, target)
+    out_c, grads_c = assert_same_step(compiled, eager, x, target, equal_nan=True)
     others = [n for n in range(k) if n != 1]
     assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).all()
     assert not torch.isnan(out_c[others]).any() and not torch.isnan(grads_c[others]).any()
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
     return x, target

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models import ModelSpec, build_model, native
 from models.stacked import stack
-from tests.stacked_pairs import forward_backward
+from tests.stacked_pairs import assert_same_step, forward_backward
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="the compiled stacked layers are switched off or could not be built here"
@@ -95,10 +95,7 @@ def test_the_compiled_stacked_transformer_trains_as_the_eager_one(window, layers
     compiled, eager = stacked_transformers(window, layers=layers)
     x, target = torch.randn(3, 6, window), torch.randn(3, 6, 2)
     assert compiled.compiled(x) == (window <= native.ATTENTION_MAX_STEPS) and not eager.compiled(x)
-    out_c, grads_c = forward_backward(compiled, x, target)
-    out_e, grads_e = forward_backward(eager, x, target)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6)
+    assert_same_step(compiled, eager, x, target)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x[:2], 2), eager(x[:2], 2), rtol=1e-5, atol=1e-6)
 
@@ -107,12 +104,9 @@ def test_a_nan_network_is_kept_apart_in_the_compiled_stacked_transformer():
     compiled, eager = stacked_transformers(12)
     x, target = torch.randn(3, 6, 12), torch.randn(3, 6, 2)
     x[1, 4, 7] = float("nan")
-    out_c, grads_c = forward_backward(compiled, x, target)
-    out_e, grads_e = forward_backward(eager, x, target)
+    out_c, grads_c = assert_same_step(compiled, eager, x, target, equal_nan=True)
     assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).any()
     assert not torch.isnan(out_c[[0, 2]]).any() and not torch.isnan(grads_c[[0, 2]]).any()
-    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
 def test_one_and_two_threads_give_the_same_bits():
