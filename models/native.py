@@ -131,6 +131,14 @@ def usable(x: torch.Tensor) -> bool:
             and load() is not None)
 
 
+def _backpropagate_once(ctx) -> None:
+    """Refuse a second backward through a compiled LSTM layer: its first wrote over what it saved."""
+    if getattr(ctx, "spent", False):
+        raise RuntimeError("the compiled LSTM layer backpropagates once per forward: retain_graph is not "
+                           "supported (set MANYNETS_NATIVE=0 for the eager layer)")
+    ctx.spent = True
+
+
 class LSTMLayer(torch.autograd.Function):
     """Hidden states (K, T, B, H) of K LSTM layers given inputs projected without their bias (K, T, B, 4H).
 
@@ -148,12 +156,34 @@ class LSTMLayer(torch.autograd.Function):
     def backward(ctx, grad_hs):
         # The backward writes the gates' gradients over the saved gates (one buffer fewer: a step of 4
         # networks 6% faster), so a second backward through the same graph would read gradients.
-        if getattr(ctx, "spent", False):
-            raise RuntimeError("the compiled LSTM layer backpropagates once per forward: retain_graph is not "
-                               "supported (set MANYNETS_NATIVE=0 for the eager layer)")
-        ctx.spent = True
+        _backpropagate_once(ctx)
         gates, cs, hs, weight_hh = ctx.saved_tensors
         return tuple(load().lstm_backward(grad_hs, gates, cs, hs, weight_hh))
+
+
+class LSTMInputLayer(torch.autograd.Function):
+    """LSTMLayer for a first layer of one input value a step: input (K, T, B), weight_ih (K, 1, 4H).
+
+    The layer forms the projections input x weight_ih itself, so no (K, T, B, 4H) product is written
+    and read back, and their weights' gradient is summed as the gates' gradients are formed.
+    """
+
+    @staticmethod
+    def forward(ctx, values, weight_ih, weight_hh, bias_ih, bias_hh):
+        hs, gates, cs = load().lstm_input_forward(values, weight_ih, weight_hh, bias_ih, bias_hh)
+        ctx.save_for_backward(gates, cs, hs, weight_hh, values, weight_ih)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        _backpropagate_once(ctx)
+        gates, cs, hs, weight_hh, values, weight_ih = ctx.saved_tensors
+        grad_gates, grad_hh, grad_bias_ih, grad_bias_hh, grad_ih = load().lstm_input_backward(
+            grad_hs, gates, cs, hs, weight_hh, values)
+        # The input is the data, which training does not differentiate; formed only where asked for.
+        grad_values = (grad_gates.flatten(1, 2) @ weight_ih.transpose(1, 2)).view_as(values) \
+            if ctx.needs_input_grad[0] else None
+        return grad_values, grad_ih, grad_hh, grad_bias_ih, grad_bias_hh
 
 
 class GRULayer(torch.autograd.Function):

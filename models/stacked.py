@@ -199,6 +199,8 @@ class _StackedRecurrent(StackedNetworks):
 
     module = ""  # the single forecaster's attribute holding its nn.LSTM / nn.GRU
     compiled_layer: type[torch.autograd.Function]  # models.native's layer, used where it is usable
+    # models.native's first layer for one input value a step, which projects its input itself; or None.
+    compiled_input_layer: type[torch.autograd.Function] | None = None
     gpu_layer: type[torch.autograd.Function] | None = None  # models.gpu_recurrent's, on CUDA where it is usable
     # The eager steps get projections that already hold the recurrent bias (run_layer's bias_hh is None).
     bias_hh_in_projection = False
@@ -229,10 +231,16 @@ class _StackedRecurrent(StackedNetworks):
         for layer in range(layers):
             at = f"{self.module}.%s_l{layer}"
             if compiled is not None:
-                # The layer adds the input bias itself. Its output (K, time, batch, hidden) is the next
-                # layer's input as it is, with no stacking.
-                projected = torch.bmm(seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
-                hidden = compiled.apply(projected, w[at % "weight_hh"], w[at % "bias_ih"], w[at % "bias_hh"])
+                if compiled is self.compiled_layer and self.compiled_input_layer is not None and seq.shape[-1] == 1:
+                    # The series' one value a step: the layer forms its projections as it goes.
+                    hidden = self.compiled_input_layer.apply(seq.view(k, steps, batch), w[at % "weight_ih"],
+                                                             w[at % "weight_hh"], w[at % "bias_ih"],
+                                                             w[at % "bias_hh"])  # fmt: skip
+                else:
+                    # The layer adds the input bias itself.
+                    projected = torch.bmm(seq, w[at % "weight_ih"]).view(k, steps, batch, -1)
+                    hidden = compiled.apply(projected, w[at % "weight_hh"], w[at % "bias_ih"], w[at % "bias_hh"])
+                # Its output (K, time, batch, hidden) is the next layer's input as it is, with no stacking.
                 seq, last = hidden.view(k, steps * batch, -1), hidden[:, -1]
             else:
                 # All time steps' input projections at once, with the recurrent bias too where the
@@ -259,6 +267,7 @@ class StackedLSTM(_StackedRecurrent):
 
     module = "lstm"
     compiled_layer = native.LSTMLayer
+    compiled_input_layer = native.LSTMInputLayer
     gpu_layer = gpu_recurrent.LSTMLayer
     # On a GPU, where these steps run, each whole-size add is another pass over the gates in memory.
     bias_hh_in_projection = True

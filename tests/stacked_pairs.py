@@ -1,6 +1,6 @@
 """Helpers for the compiled layers' tests (test_native, test_native_mlp, test_native_transformer,
 test_gpu_recurrent): the same networks stacked twice, one running its compiled code and one the eager layers,
-and one training step of each."""
+one training step of each, and the same step on 1 and 2 threads."""
 
 import torch
 
@@ -51,3 +51,16 @@ def assert_nan_network_kept_apart(compiled, eager, k: int = 3, device: str = "cp
     assert torch.isnan(out_c[1, 4]).all() and torch.isnan(grads_c[1]).all()
     assert not torch.isnan(out_c[others]).any() and not torch.isnan(grads_c[others]).any()
     return x, target
+
+
+def assert_same_bits_on_one_and_two_threads(model, x, target):
+    """One MSE step of `model` on 1 and on 2 of ATen's threads gives bitwise the same outputs and gradients."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forward_backward(model, x, target)
+        torch.set_num_threads(2)
+        two = forward_backward(model, x, target)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models import ModelSpec, build_model, native
 from models.stacked import stack
-from tests.stacked_pairs import assert_same_step, forward_backward
+from tests.stacked_pairs import assert_same_bits_on_one_and_two_threads, assert_same_step
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="the compiled stacked layers are switched off or could not be built here"
@@ -111,13 +111,4 @@ def test_a_nan_network_is_kept_apart_in_the_compiled_stacked_transformer():
 
 def test_one_and_two_threads_give_the_same_bits():
     compiled, _ = stacked_transformers(20, k=4)
-    x, target = torch.randn(4, 9, 20), torch.randn(4, 9, 2)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = forward_backward(compiled, x, target)
-        torch.set_num_threads(2)
-        two = forward_backward(compiled, x, target)
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert_same_bits_on_one_and_two_threads(compiled, torch.randn(4, 9, 20), torch.randn(4, 9, 2))

@@ -15,6 +15,7 @@
 namespace {
 
 using manynets::exp_approx;
+using manynets::lanes16;
 inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 
@@ -59,12 +60,17 @@ at::Tensor recurrent_weight_grad(const at::Tensor& hs, const at::Tensor& grad_re
 
 // ---- LSTM -----------------------------------------------------------------------------------------
 
-// One row of one step: the gates' projections in (the bias and recurrent part are added here); the
-// activated gates written over them, c and h out.
+// One row of one step: the gates' projections in (the bias and recurrent part are added here), or with
+// `weight_ih` the layer's one input value x (the projection x weight_ih is formed here); the activated
+// gates written over them, c and h out. For hidden sizes that are not a multiple of 16.
 inline void lstm_cell(int64_t H, const float* __restrict bias, const float* __restrict rec,
                       const float* __restrict c_prev, float* __restrict gates, float* __restrict c,
-                      float* __restrict h) {
-  for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j] + rec[j];
+                      float* __restrict h, const float* __restrict weight_ih, float x) {
+  if (weight_ih != nullptr) {
+    for (int64_t j = 0; j < 4 * H; ++j) gates[j] = x * weight_ih[j] + bias[j] + rec[j];
+  } else {
+    for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j] + rec[j];
+  }
   float* __restrict gi = gates;
   float* __restrict gf = gates + H;
   float* __restrict gg = gates + 2 * H;
@@ -81,10 +87,13 @@ inline void lstm_cell(int64_t H, const float* __restrict bias, const float* __re
 
 // One row of one step backwards: the gradient of the gates' pre-activations, written over the saved
 // gates (read first, never again), and the cell state's gradient carried to the step before (grad_c,
-// updated in place). tanh(c) is recomputed rather than saved: as fast, and one buffer fewer.
+// updated in place), the gradient added to the bias's (grad_bias, 4H) and, for a layer of one input
+// value x, x times it to the input weights' (grad_weight_ih). tanh(c) is recomputed rather than saved:
+// as fast, and one buffer fewer.
 inline void lstm_cell_backward(int64_t H, float* __restrict gates, const float* __restrict c,
                                const float* __restrict c_prev, const float* __restrict grad_h,
-                               const float* __restrict grad_rec, float* __restrict grad_c) {
+                               const float* __restrict grad_rec, float* __restrict grad_c,
+                               float* __restrict grad_bias, float* __restrict grad_weight_ih, float x) {
   float* __restrict di = gates;
   float* __restrict df = gates + H;
   float* __restrict dg = gates + 2 * H;
@@ -99,36 +108,209 @@ inline void lstm_cell_backward(int64_t H, float* __restrict gates, const float* 
     dout[j] = dh * t * o * (1.0f - o);
     grad_c[j] = dc * f;
   }
+  for (int64_t j = 0; j < 4 * H; ++j) grad_bias[j] += gates[j];
+  if (grad_weight_ih != nullptr) {
+    for (int64_t j = 0; j < 4 * H; ++j) grad_weight_ih[j] += x * gates[j];
+  }
 }
 
-std::vector<at::Tensor> lstm_forward(at::Tensor projected, at::Tensor weight_hh, at::Tensor bias_ih,
-                                     at::Tensor bias_hh) {
-  const int64_t H = checked_hidden(projected, weight_hh, bias_ih, bias_hh, 4, "lstm_forward");
-  // The gates are computed over the projections, which nothing reads again (one buffer fewer).
-  auto gates = projected.contiguous();
-  const int64_t K = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3);
+// Hidden sizes that are a multiple of 16 run as slices of 16 units (one vector), several slices at a
+// time with each stage (a gate's exp and division) applied to all of them before the next: their
+// dependency chains then overlap, where one row's two vectors at a time left the core waiting on them
+// (a training step of 4 networks ~10% faster; 2 or 8 at a time gained less). The same arithmetic as
+// the cells above, on 16 lanes.
+typedef float vec_unaligned __attribute__((vector_size(64), aligned(4)));
+inline lanes16 load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+inline void store(float* p, lanes16 x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
+inline lanes16 sigmoid_approx(lanes16 x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline lanes16 tanh_approx(lanes16 x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+constexpr int64_t SLICE = 16;
+constexpr int64_t ROWS = 16;
+
+// The rows of one step and the (K, B, n) buffers the steps share, for the slices below.
+struct LstmStep {
+  Rows rows;
+  int64_t t, H, G;
+  const float* bias;  // forward: (K, G)
+  const float* rec;   // forward: the recurrent part (K, B, G); backward: its gradient's part (K, B, H)
+  float* gates;       // (K, T, B, G): projections in, activated gates out (forward); those in, gradients out
+  float* cs;          // (K, T, B, H)
+  float* hs;          // forward: (K, T, B, H) out; backward: the hidden states' gradients in
+  float* grad_c;      // backward: (K, B, H), carried from step to step
+  float* grad_bias;   // backward: (K, blocks, G), the bias gradient of each block of rows (below)
+  // A first layer's one input value a row (K, T, B) and its weights (K, G), which the layer projects
+  // itself (no (K, T, B, G) product to write and read back); null where `gates` holds the projections.
+  const float* input;
+  const float* weight_ih;
+  float* grad_weight_ih;  // backward, with `input`: (K, blocks, G), as grad_bias
+  // A network's rows go to the threads in blocks of ROWS. The backward sums the bias gradient per block,
+  // each block's in one thread and in row order, so the result does not depend on the number of threads.
+  int64_t block(int64_t kb) const { return (kb / rows.B) * blocks + kb % rows.B / ROWS; }
+  int64_t blocks;     // per network
+};
+
+// Slices kb[n], j[n] (row, first unit) of step s forward, N at a time.
+template <int N>
+inline void lstm_slices(const LstmStep& s, const int64_t (&kb)[N], const int64_t (&j)[N]) {
+  const int64_t H = s.H, G = s.G;
+  lanes16 i[N], f[N], g[N], o[N], c[N];
+  float* gate[N];
+  for (int n = 0; n < N; ++n) {
+    const int64_t row = s.rows.at(kb[n], s.t);
+    gate[n] = s.gates + row * G + j[n];
+    const float* b = s.bias + (kb[n] / s.rows.B) * G + j[n];
+    const float* r = s.rec + kb[n] * G + j[n];
+    i[n] = load(b) + load(r), f[n] = load(b + H) + load(r + H);
+    g[n] = load(b + 2 * H) + load(r + 2 * H), o[n] = load(b + 3 * H) + load(r + 3 * H);
+    if (s.input != nullptr) {
+      const float x = s.input[row];
+      const float* w = s.weight_ih + (kb[n] / s.rows.B) * G + j[n];
+      i[n] += x * load(w), f[n] += x * load(w + H), g[n] += x * load(w + 2 * H), o[n] += x * load(w + 3 * H);
+    } else {
+      i[n] += load(gate[n]), f[n] += load(gate[n] + H);
+      g[n] += load(gate[n] + 2 * H), o[n] += load(gate[n] + 3 * H);
+    }
+    c[n] = s.t > 0 ? load(s.cs + (row - s.rows.B) * H + j[n]) : lanes16{};
+  }
+  for (int n = 0; n < N; ++n) i[n] = sigmoid_approx(i[n]);
+  for (int n = 0; n < N; ++n) f[n] = sigmoid_approx(f[n]);
+  for (int n = 0; n < N; ++n) g[n] = tanh_approx(g[n]);
+  for (int n = 0; n < N; ++n) o[n] = sigmoid_approx(o[n]);
+  for (int n = 0; n < N; ++n) {
+    store(gate[n], i[n]); store(gate[n] + H, f[n]); store(gate[n] + 2 * H, g[n]); store(gate[n] + 3 * H, o[n]);
+    c[n] = f[n] * c[n] + i[n] * g[n];
+  }
+  for (int n = 0; n < N; ++n) {
+    const int64_t row = s.rows.at(kb[n], s.t);
+    store(s.cs + row * H + j[n], c[n]);
+    store(s.hs + row * H + j[n], o[n] * tanh_approx(c[n]));
+  }
+}
+
+// Slices kb[n], j[n] of step s backwards, N at a time (lstm_cell_backward's arithmetic).
+template <int N>
+inline void lstm_backward_slices(const LstmStep& s, const int64_t (&kb)[N], const int64_t (&j)[N]) {
+  const int64_t H = s.H, G = s.G;
+  lanes16 th[N], dh[N];
+  for (int n = 0; n < N; ++n) th[n] = tanh_approx(load(s.cs + s.rows.at(kb[n], s.t) * H + j[n]));
+  for (int n = 0; n < N; ++n) {
+    const int64_t row = s.rows.at(kb[n], s.t);
+    float* d = s.gates + row * G + j[n];
+    float* grad_c = s.grad_c + kb[n] * H + j[n];
+    const lanes16 i = load(d), f = load(d + H), g = load(d + 2 * H), o = load(d + 3 * H);
+    const lanes16 c_prev = s.t > 0 ? load(s.cs + (row - s.rows.B) * H + j[n]) : lanes16{};
+    dh[n] = load(s.hs + row * H + j[n]) + load(s.rec + kb[n] * H + j[n]);
+    const lanes16 dc = load(grad_c) + dh[n] * o * (1.0f - th[n] * th[n]);
+    const lanes16 di = dc * g * i * (1.0f - i), df = dc * c_prev * f * (1.0f - f);
+    const lanes16 dg = dc * i * (1.0f - g * g), dout = dh[n] * th[n] * o * (1.0f - o);
+    store(d, di); store(d + H, df); store(d + 2 * H, dg); store(d + 3 * H, dout);
+    store(grad_c, dc * f);
+    float* grad_bias = s.grad_bias + s.block(kb[n]) * G + j[n];
+    store(grad_bias, load(grad_bias) + di);
+    store(grad_bias + H, load(grad_bias + H) + df);
+    store(grad_bias + 2 * H, load(grad_bias + 2 * H) + dg);
+    store(grad_bias + 3 * H, load(grad_bias + 3 * H) + dout);
+    if (s.input != nullptr) {
+      const float x = s.input[row];
+      float* gw = s.grad_weight_ih + s.block(kb[n]) * G + j[n];
+      store(gw, load(gw) + x * di);
+      store(gw + H, load(gw + H) + x * df);
+      store(gw + 2 * H, load(gw + 2 * H) + x * dg);
+      store(gw + 3 * H, load(gw + 3 * H) + x * dout);
+    }
+  }
+}
+
+// Every 16-unit slice of rows begin..end, handed to `many` SLICES at a time and the rest to `one`.
+constexpr int SLICES = 4;
+template <typename Many, typename One>
+void for_each_slice(int64_t begin, int64_t end, int64_t H, const Many& many, const One& one) {
+  int64_t kb[SLICES], j[SLICES];
+  int n = 0;
+  for (int64_t row = begin; row < end; ++row) {
+    for (int64_t unit = 0; unit < H; unit += SLICE) {
+      kb[n] = row; j[n] = unit;
+      if (++n == SLICES) { many(kb, j); n = 0; }
+    }
+  }
+  for (int m = 0; m < n; ++m) one({kb[m]}, {j[m]});
+}
+
+// Step s's rows on ATen's threads, a block at a time: sliced where H allows, else a row at a time
+// through `cell`.
+template <typename Many, typename One, typename Cell>
+void lstm_step(const LstmStep& s, int64_t K, const Many& many, const One& one, const Cell& cell) {
+  const int64_t B = s.rows.B;
+  at::parallel_for(0, K * s.blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t k = block / s.blocks, begin = k * B + block % s.blocks * ROWS;
+      const int64_t end = std::min((k + 1) * B, begin + ROWS);
+      if (s.H % SLICE == 0) {
+        for_each_slice(begin, end, s.H, many, one);
+      } else {
+        for (int64_t kb = begin; kb < end; ++kb) cell(kb);
+      }
+    }
+  });
+}
+
+// The forward of a layer whose gates' projections are in `gates` (K, T, B, G), or, with `input`, of a
+// first layer of one input value that projects them itself (gates is then empty).
+std::vector<at::Tensor> lstm_forward_into(at::Tensor gates, const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+                                          const at::Tensor& bias_hh, const at::Tensor& input,
+                                          const at::Tensor& weight_ih) {
+  const int64_t K = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3), H = G / 4;
   const auto bias = (bias_ih + bias_hh).contiguous();
   const auto opts = gates.options();
   auto hs = at::empty({K, T, B, H}, opts);
   auto cs = at::empty({K, T, B, H}, opts);
   auto rec = at::zeros({K, B, G}, opts);
   const auto zero = at::zeros({H}, opts);
-  const float *Bi = bias.data_ptr<float>(), *R = rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
-  float *A = gates.data_ptr<float>(), *Hs = hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
-  const Rows rows{T, B};
+  const bool projecting = input.defined();
+  LstmStep s{{T, B}, 0, H, G, bias.data_ptr<float>(), rec.data_ptr<float>(), gates.data_ptr<float>(),
+             cs.data_ptr<float>(), hs.data_ptr<float>(), nullptr, nullptr,
+             projecting ? input.data_ptr<float>() : nullptr, projecting ? weight_ih.data_ptr<float>() : nullptr,
+             nullptr, (B + ROWS - 1) / ROWS};
+  const float* Z = zero.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
-    for_each_row(K * B, [&](int64_t kb) {
-      const int64_t row = rows.at(kb, t);
-      lstm_cell(H, Bi + (kb / B) * G, R + kb * G, t > 0 ? Cs + (row - B) * H : Z, A + row * G, Cs + row * H,
-                Hs + row * H);
-    });
+    s.t = t;
+    lstm_step(
+        s, K, [&](const int64_t (&kb)[SLICES], const int64_t (&j)[SLICES]) { lstm_slices<SLICES>(s, kb, j); },
+        [&](const int64_t (&kb)[1], const int64_t (&j)[1]) { lstm_slices<1>(s, kb, j); },
+        [&](int64_t kb) {
+          const int64_t row = s.rows.at(kb, t), k = kb / B;
+          lstm_cell(H, s.bias + k * G, s.rec + kb * G, t > 0 ? s.cs + (row - B) * H : Z, s.gates + row * G,
+                    s.cs + row * H, s.hs + row * H, projecting ? s.weight_ih + k * G : nullptr,
+                    projecting ? s.input[row] : 0.0f);
+        });
   }
   return {hs, gates, cs};
 }
 
-std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::Tensor cs, at::Tensor hs,
-                                      at::Tensor weight_hh) {
+std::vector<at::Tensor> lstm_forward(at::Tensor projected, at::Tensor weight_hh, at::Tensor bias_ih,
+                                     at::Tensor bias_hh) {
+  checked_hidden(projected, weight_hh, bias_ih, bias_hh, 4, "lstm_forward");
+  // The gates are computed over the projections, which nothing reads again (one buffer fewer).
+  return lstm_forward_into(projected.contiguous(), weight_hh, bias_ih, bias_hh, at::Tensor(), at::Tensor());
+}
+
+// A first layer of one input value a step: input (K, T, B), weight_ih (K, 1, G).
+std::vector<at::Tensor> lstm_input_forward(at::Tensor input, at::Tensor weight_ih, at::Tensor weight_hh,
+                                           at::Tensor bias_ih, at::Tensor bias_hh) {
+  check(input, "input", 3); check(weight_ih, "weight_ih", 3);
+  const int64_t K = input.size(0), T = input.size(1), B = input.size(2), G = weight_ih.size(2);
+  TORCH_CHECK(weight_ih.size(0) == K && weight_ih.size(1) == 1, "lstm_input_forward: shapes do not agree");
+  auto gates = at::empty({K, T, B, G}, input.options());
+  checked_hidden(gates, weight_hh, bias_ih, bias_hh, 4, "lstm_input_forward");
+  return lstm_forward_into(gates, weight_hh, bias_ih, bias_hh, input.contiguous(), weight_ih.contiguous());
+}
+
+// The backward of lstm_forward_into: the gradients of the gates' pre-activations (over `gates`), of the
+// recurrent weights and of the biases, and with `input` of the input weights (K, 1, G).
+std::vector<at::Tensor> lstm_backward_from(at::Tensor grad_hs, at::Tensor gates, const at::Tensor& cs,
+                                           const at::Tensor& hs, const at::Tensor& weight_hh,
+                                           const at::Tensor& input) {
   check(grad_hs, "grad_hs", 4);
   grad_hs = grad_hs.contiguous();
   const int64_t K = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3), H = G / 4;
@@ -137,21 +319,50 @@ std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::
   auto grad_rec = at::zeros({K, B, H}, opts);
   auto grad_c = at::zeros({K, B, H}, opts);
   const auto zero = at::zeros({H}, opts);
-  const auto weight_t = weight_hh.transpose(1, 2);
-  const float *Gh = grad_hs.data_ptr<float>(), *Cs = cs.data_ptr<float>();
-  const float *Dr = grad_rec.data_ptr<float>(), *Z = zero.data_ptr<float>();
-  float *D = grad_gates.data_ptr<float>(), *Dc = grad_c.data_ptr<float>();
-  const Rows rows{T, B};
+  // Contiguous, the step's product runs ~20% faster than on the transposed view (30 against 38 us, K=4).
+  const auto weight_t = weight_hh.transpose(1, 2).contiguous();
+  // Summed as the gradients are formed, not in a pass over all of them afterwards (a step of 4 networks
+  // ~7% faster), a block of rows at a time; the blocks are summed per network at the end.
+  const int64_t blocks = (B + ROWS - 1) / ROWS;
+  const bool projecting = input.defined();
+  auto grad_bias_blocks = at::zeros({K, blocks, G}, opts);
+  auto grad_weight_blocks = projecting ? at::zeros({K, blocks, G}, opts) : at::Tensor();
+  LstmStep s{{T, B}, 0, H, G, nullptr, grad_rec.data_ptr<float>(), grad_gates.data_ptr<float>(),
+             cs.data_ptr<float>(), grad_hs.data_ptr<float>(), grad_c.data_ptr<float>(),
+             grad_bias_blocks.data_ptr<float>(), projecting ? input.data_ptr<float>() : nullptr, nullptr,
+             projecting ? grad_weight_blocks.data_ptr<float>() : nullptr, blocks};
+  const float* Z = zero.data_ptr<float>();
   for (int64_t t = T - 1; t >= 0; --t) {
-    for_each_row(K * B, [&](int64_t kb) {
-      const int64_t row = rows.at(kb, t);
-      lstm_cell_backward(H, D + row * G, Cs + row * H, t > 0 ? Cs + (row - B) * H : Z, Gh + row * H,
-                         Dr + kb * H, Dc + kb * H);
-    });
+    s.t = t;
+    lstm_step(
+        s, K,
+        [&](const int64_t (&kb)[SLICES], const int64_t (&j)[SLICES]) { lstm_backward_slices<SLICES>(s, kb, j); },
+        [&](const int64_t (&kb)[1], const int64_t (&j)[1]) { lstm_backward_slices<1>(s, kb, j); },
+        [&](int64_t kb) {
+          const int64_t row = s.rows.at(kb, t);
+          lstm_cell_backward(H, s.gates + row * G, s.cs + row * H, t > 0 ? s.cs + (row - B) * H : Z,
+                             s.hs + row * H, s.rec + kb * H, s.grad_c + kb * H, s.grad_bias + s.block(kb) * G,
+                             projecting ? s.grad_weight_ih + s.block(kb) * G : nullptr,
+                             projecting ? s.input[row] : 0.0f);
+        });
     if (t > 0) at::bmm_out(grad_rec, grad_gates.select(1, t), weight_t);
   }
-  const auto grad_bias = grad_gates.sum({1, 2}).unsqueeze(1);
-  return {grad_gates, recurrent_weight_grad(hs, grad_gates), grad_bias, grad_bias};
+  const auto grad_bias = grad_bias_blocks.sum(1, true);
+  std::vector<at::Tensor> grads{grad_gates, recurrent_weight_grad(hs, grad_gates), grad_bias, grad_bias};
+  if (projecting) grads.push_back(grad_weight_blocks.sum(1, true));
+  return grads;
+}
+
+std::vector<at::Tensor> lstm_backward(at::Tensor grad_hs, at::Tensor gates, at::Tensor cs, at::Tensor hs,
+                                      at::Tensor weight_hh) {
+  return lstm_backward_from(grad_hs, gates, cs, hs, weight_hh, at::Tensor());
+}
+
+// lstm_input_forward's backward: lstm_backward's gradients, then the input weights' (K, 1, G).
+std::vector<at::Tensor> lstm_input_backward(at::Tensor grad_hs, at::Tensor gates, at::Tensor cs, at::Tensor hs,
+                                            at::Tensor weight_hh, at::Tensor input) {
+  check(input, "input", 3);
+  return lstm_backward_from(grad_hs, gates, cs, hs, weight_hh, input.contiguous());
 }
 
 // ---- GRU ------------------------------------------------------------------------------------------
@@ -271,6 +482,8 @@ void bind_recurrent(pybind11::module& m) {
   m.def("activations", &activations);
   m.def("lstm_forward", &lstm_forward);
   m.def("lstm_backward", &lstm_backward);
+  m.def("lstm_input_forward", &lstm_input_forward);
+  m.def("lstm_input_backward", &lstm_input_backward);
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
 }
