@@ -22,13 +22,11 @@
 namespace {
 
 using manynets::exp_approx;
+using manynets::load;
+using manynets::store;
 using vec = manynets::lanes16;
-typedef float vec_unaligned __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t LANES = 16;
 constexpr int64_t MAX_VECTORS = 4;
-
-inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
-inline void store(float* p, vec x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
 
 struct Shape {
   int64_t K, B, T, H, D, W, Tp;  // networks, windows, steps, heads, head width, model width, padded steps

@@ -3,10 +3,9 @@
 
 #include <cstdint>
 
-namespace manynets {
+#include "lanes16.h"
 
-typedef float lanes16 __attribute__((vector_size(64)));
-typedef int32_t ilanes16 __attribute__((vector_size(64)));
+namespace manynets {
 
 // exp by Cephes' range reduction and polynomial, in plain arithmetic so that the compiler vectorizes
 // the loops calling it: rounding is done by adding and taking away 1.5 * 2^23 (floorf does not

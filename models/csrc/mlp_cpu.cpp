@@ -19,14 +19,15 @@
 #include <cstring>
 #include <vector>
 
+#include "lanes16.h"
+
 namespace {
 
-typedef float vec __attribute__((vector_size(64)));
-typedef float vec_unaligned __attribute__((vector_size(64), aligned(4)));
+using manynets::load;
+using manynets::store;
+using vec = manynets::lanes16;
 constexpr int64_t LANES = 16;
 
-inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
-inline void store(float* p, vec x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
 inline int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
 
 // C[r, 0:16*NV] = init + sum_p A(r, p) * B[p, 0:16*NV] for r < ROWS, the accumulators in registers.

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <vector>
 
+#include "lanes16.h"
+
 namespace {
 
 struct Shape {
@@ -29,10 +31,9 @@ inline float lane_total(const float (&acc)[LANES]) {
   return total;
 }
 
-typedef float vec __attribute__((vector_size(64)));
-typedef float vec_unaligned __attribute__((vector_size(64), aligned(4)));
-inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
-inline void store(float* p, vec x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
+using manynets::load;
+using manynets::store;
+using vec = manynets::lanes16;
 
 template <int NV>
 inline float total(const vec (&x)[NV]) {

@@ -16,6 +16,8 @@ namespace {
 
 using manynets::exp_approx;
 using manynets::lanes16;
+using manynets::load;
+using manynets::store;
 inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline float tanh_approx(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 
@@ -119,9 +121,6 @@ inline void lstm_cell_backward(int64_t H, float* __restrict gates, const float* 
 // dependency chains then overlap, where one row's two vectors at a time left the core waiting on them
 // (a training step of 4 networks ~10% faster; 2 or 8 at a time gained less). The same arithmetic as
 // the cells above, on 16 lanes.
-typedef float vec_unaligned __attribute__((vector_size(64), aligned(4)));
-inline lanes16 load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
-inline void store(float* p, lanes16 x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
 inline lanes16 sigmoid_approx(lanes16 x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline lanes16 tanh_approx(lanes16 x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 constexpr int64_t SLICE = 16;
