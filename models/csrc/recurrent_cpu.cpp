@@ -154,8 +154,9 @@ inline void lstm_slices(const LstmStep& s, const int64_t (&kb)[N], const int64_t
   const int64_t H = s.H, G = s.G;
   lanes16 i[N], f[N], g[N], o[N], c[N];
   float* gate[N];
+  int64_t rows[N];
   for (int n = 0; n < N; ++n) {
-    const int64_t row = s.rows.at(kb[n], s.t);
+    const int64_t row = rows[n] = s.rows.at(kb[n], s.t);
     gate[n] = s.gates + row * G + j[n];
     const float* b = s.bias + (kb[n] / s.rows.B) * G + j[n];
     const float* r = s.rec + kb[n] * G + j[n];
@@ -180,9 +181,8 @@ inline void lstm_slices(const LstmStep& s, const int64_t (&kb)[N], const int64_t
     c[n] = f[n] * c[n] + i[n] * g[n];
   }
   for (int n = 0; n < N; ++n) {
-    const int64_t row = s.rows.at(kb[n], s.t);
-    store(s.cs + row * H + j[n], c[n]);
-    store(s.hs + row * H + j[n], o[n] * tanh_approx(c[n]));
+    store(s.cs + rows[n] * H + j[n], c[n]);
+    store(s.hs + rows[n] * H + j[n], o[n] * tanh_approx(c[n]));
   }
 }
 
@@ -191,9 +191,13 @@ template <int N>
 inline void lstm_backward_slices(const LstmStep& s, const int64_t (&kb)[N], const int64_t (&j)[N]) {
   const int64_t H = s.H, G = s.G;
   lanes16 th[N], dh[N];
-  for (int n = 0; n < N; ++n) th[n] = tanh_approx(load(s.cs + s.rows.at(kb[n], s.t) * H + j[n]));
+  int64_t rows[N];
   for (int n = 0; n < N; ++n) {
-    const int64_t row = s.rows.at(kb[n], s.t);
+    rows[n] = s.rows.at(kb[n], s.t);
+    th[n] = tanh_approx(load(s.cs + rows[n] * H + j[n]));
+  }
+  for (int n = 0; n < N; ++n) {
+    const int64_t row = rows[n];
     float* d = s.gates + row * G + j[n];
     float* grad_c = s.grad_c + kb[n] * H + j[n];
     const lanes16 i = load(d), f = load(d + H), g = load(d + 2 * H), o = load(d + 3 * H);
@@ -220,32 +224,36 @@ inline void lstm_backward_slices(const LstmStep& s, const int64_t (&kb)[N], cons
   }
 }
 
-// Every 16-unit slice of rows begin..end, handed to `many` SLICES at a time and the rest to `one`.
+// Every 16-unit slice of rows begin..end, handed to `slices` SLICES at a time and the rest one at a time
+// (as arrays of rows kb and first units j, whose length the slice kernels take as their N).
 constexpr int SLICES = 4;
-template <typename Many, typename One>
-void for_each_slice(int64_t begin, int64_t end, int64_t H, const Many& many, const One& one) {
+template <typename Slices>
+void for_each_slice(int64_t begin, int64_t end, int64_t H, const Slices& slices) {
   int64_t kb[SLICES], j[SLICES];
   int n = 0;
   for (int64_t row = begin; row < end; ++row) {
     for (int64_t unit = 0; unit < H; unit += SLICE) {
       kb[n] = row; j[n] = unit;
-      if (++n == SLICES) { many(kb, j); n = 0; }
+      if (++n == SLICES) { slices(kb, j); n = 0; }
     }
   }
-  for (int m = 0; m < n; ++m) one({kb[m]}, {j[m]});
+  for (int m = 0; m < n; ++m) {
+    const int64_t one_kb[1] = {kb[m]}, one_j[1] = {j[m]};
+    slices(one_kb, one_j);
+  }
 }
 
 // Step s's rows on ATen's threads, a block at a time: sliced where H allows, else a row at a time
 // through `cell`.
-template <typename Many, typename One, typename Cell>
-void lstm_step(const LstmStep& s, int64_t K, const Many& many, const One& one, const Cell& cell) {
+template <typename Slices, typename Cell>
+void lstm_step(const LstmStep& s, int64_t K, const Slices& slices, const Cell& cell) {
   const int64_t B = s.rows.B;
   at::parallel_for(0, K * s.blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) {
       const int64_t k = block / s.blocks, begin = k * B + block % s.blocks * ROWS;
       const int64_t end = std::min((k + 1) * B, begin + ROWS);
       if (s.H % SLICE == 0) {
-        for_each_slice(begin, end, s.H, many, one);
+        for_each_slice(begin, end, s.H, slices);
       } else {
         for (int64_t kb = begin; kb < end; ++kb) cell(kb);
       }
@@ -275,8 +283,7 @@ std::vector<at::Tensor> lstm_forward_into(at::Tensor gates, const at::Tensor& we
     if (t > 0) at::bmm_out(rec, hs.select(1, t - 1), weight_hh);
     s.t = t;
     lstm_step(
-        s, K, [&](const int64_t (&kb)[SLICES], const int64_t (&j)[SLICES]) { lstm_slices<SLICES>(s, kb, j); },
-        [&](const int64_t (&kb)[1], const int64_t (&j)[1]) { lstm_slices<1>(s, kb, j); },
+        s, K, [&](const auto& kb, const auto& j) { lstm_slices(s, kb, j); },
         [&](int64_t kb) {
           const int64_t row = s.rows.at(kb, t), k = kb / B;
           lstm_cell(H, s.bias + k * G, s.rec + kb * G, t > 0 ? s.cs + (row - B) * H : Z, s.gates + row * G,
@@ -334,9 +341,7 @@ std::vector<at::Tensor> lstm_backward_from(at::Tensor grad_hs, at::Tensor gates,
   for (int64_t t = T - 1; t >= 0; --t) {
     s.t = t;
     lstm_step(
-        s, K,
-        [&](const int64_t (&kb)[SLICES], const int64_t (&j)[SLICES]) { lstm_backward_slices<SLICES>(s, kb, j); },
-        [&](const int64_t (&kb)[1], const int64_t (&j)[1]) { lstm_backward_slices<1>(s, kb, j); },
+        s, K, [&](const auto& kb, const auto& j) { lstm_backward_slices(s, kb, j); },
         [&](int64_t kb) {
           const int64_t row = s.rows.at(kb, t);
           lstm_cell_backward(H, s.gates + row * G, s.cs + row * H, t > 0 ? s.cs + (row - B) * H : Z,
